@@ -30,7 +30,11 @@ def test_allocator_matches_upstream_sequence() -> None:
     boot = _bootstrap()
     reg = Node(name=b"f", path=b"/f", mode=stat.S_IFREG | 0o644)
     boot._place_other(reg, None)
-    assert (reg.v6_offset, reg.v6_datalayout, boot.alloc.offset) == (0, L.EROFS_INODE_CHUNK_BASED, 32)
+    assert (reg.v6_offset, reg.v6_datalayout, boot.alloc.offset) == (
+        0,
+        L.EROFS_INODE_CHUNK_BASED,
+        32,
+    )
 
     d = _dir()
     expected = [
