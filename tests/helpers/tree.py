@@ -299,9 +299,26 @@ def make_tree(
     directory, a sparse file with a hole, a fifo, char/block devices and ``security.capability``
     and ``trusted.*`` xattrs (root only), a unix socket, ``user.*`` xattrs, non-UTF-8 names,
     ``long_name``-byte names (255 = NAME_MAX; erofs-utils 1.5 mishandles 255, so its tests pass
-    254) and a 40-deep path. The same arguments give the same tree.
+    254) and a 40-deep path. The same arguments (and privilege: root adds devices, owners and
+    trusted xattrs) give the same tree, whatever the umask.
     """
-    base = _fs(root)
+    # Modes must not depend on the caller's umask (the process-wide umask is restored after).
+    old_umask = os.umask(0o022)
+    try:
+        _make_tree(_fs(root), files, total_bytes, seed, dirs_fanout, with_special, long_name)
+    finally:
+        os.umask(old_umask)
+
+
+def _make_tree(
+    base: bytes,
+    files: int,
+    total_bytes: int,
+    seed: int,
+    dirs_fanout: int,
+    with_special: bool,
+    long_name: int,
+) -> None:
     os.makedirs(base, exist_ok=True)
     rng = random.Random(seed)
     content = _Content(random.Random(rng.getrandbits(64)))
@@ -474,4 +491,5 @@ def _make_special(
         setx(setuid, "security.capability", cap)
         write(sp + b"/setuid", b"#!/bin/sh\n", 0o4755)
         write(sp + b"/setgid", b"#!/bin/sh\n", 0o2711)
-        os.mkdir(full(sp + b"/sticky"), 0o1777)
+        os.mkdir(full(sp + b"/sticky"))
+        os.chmod(full(sp + b"/sticky"), 0o1777)

@@ -105,7 +105,7 @@ def test_file_larger_than_4gib(tmp_path: Path) -> None:
         f.truncate(size)
         f.seek(size - 5)
         f.write(b"tail!")
-    boot, sup = _build(src, tmp_path / "out", compressor=Compressor.ZSTD)
+    _, sup = _build(src, tmp_path / "out", compressor=Compressor.ZSTD)
     inode = sup.lookup_path("/huge")
     assert isinstance(inode, RafsV6Inode)
     assert inode.size == size
@@ -130,7 +130,7 @@ def test_file_bytes_of_sparse_file(tmp_path: Path) -> None:
     with open(src / "sparse", "wb") as f:
         f.seek(3 * 0x1000 + 10)
         f.write(b"end")
-    boot, sup = _build(src, tmp_path / "out", chunk_size=0x1000)
+    _, sup = _build(src, tmp_path / "out", chunk_size=0x1000)
     inode = sup.lookup_path("/sparse")
     assert file_bytes(sup, inode, tmp_path / "out") == (src / "sparse").read_bytes()
 
@@ -140,7 +140,7 @@ def test_image_without_data_has_no_blob(tmp_path: Path) -> None:
     (src / "d").mkdir(parents=True)
     (src / "e").write_bytes(b"")
     os.symlink("d", src / "l")
-    boot, sup = _build(src, tmp_path / "out")
+    _, sup = _build(src, tmp_path / "out")
     assert sup.blobs == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["boot"]
     assert sup.meta.root_ino == 128  # upstream's root nid with an empty blob table
