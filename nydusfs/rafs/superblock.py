@@ -95,18 +95,31 @@ class RafsSuper(abc.ABC):
         return node
 
     def walk(self) -> Iterator[tuple[bytes, RafsInode]]:
-        """Depth-first ``(path, inode)`` pairs, root first as ``b"/"``, children by name."""
-        stack: list[tuple[bytes, RafsInode, int]] = [(b"/", self.root, 0)]
+        """Depth-first ``(path, inode)`` pairs, root first as ``b"/"``, children by name.
+
+        A directory reached twice (a cycle or a directory hard link in a corrupt image) raises
+        ``FormatError``, so a walk visits each directory once and always ends.
+        """
+        root = self.root
+        seen_dirs = {root.ino}
+        stack: list[tuple[bytes, RafsInode, int]] = [(b"/", root, 0)]
         while stack:
             path, node, depth = stack.pop()
             yield path, node
-            if node.is_dir():
-                if depth >= MAX_TREE_DEPTH:
-                    raise FormatError(f"directory tree deeper than {MAX_TREE_DEPTH} at {path!r}")
-                prefix = path if path.endswith(b"/") else path + b"/"
-                entries = node.children()
-                for name, ino in reversed(entries):
-                    stack.append((prefix + name, self.inode(ino), depth + 1))
+            if not node.is_dir():
+                continue
+            if depth >= MAX_TREE_DEPTH:
+                raise FormatError(f"directory tree deeper than {MAX_TREE_DEPTH} at {path!r}")
+            prefix = path if path.endswith(b"/") else path + b"/"
+            children = []
+            for name, ino in node.children():
+                child = self.inode(ino)
+                if child.is_dir():
+                    if ino in seen_dirs:
+                        raise FormatError(f"directory inode {ino} appears twice in the tree")
+                    seen_dirs.add(ino)
+                children.append((prefix + name, child, depth + 1))
+            stack.extend(reversed(children))
 
     def close(self) -> None:  # noqa: B027 - optional hook, most readers hold nothing
         """Release the mapping. Views must not be used afterwards."""
