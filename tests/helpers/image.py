@@ -81,38 +81,3 @@ def snapshot_image(bootstrap: Path, blob_dir: Path) -> dict[bytes, dict[str, Any
         if "hardlink" in entry:
             entry["hardlink"] = groups.setdefault(entry["hardlink"], len(groups))
     return result
-
-
-def write_uncompressed_view(bootstrap: Path, blob_dir: Path, out_dir: Path) -> list[Path]:
-    """Per blob, a file holding every chunk's data at its uncompressed offset.
-
-    This is the layout the kernel's EROFS driver reads through the device table (and what a
-    ``.blob.data`` cache file holds), so ``bootstrap`` plus these files mount with ``device=``.
-    """
-    sup = RafsSuper.load(bootstrap)
-    paths = []
-    for blob in sup.blobs:
-        path = out_dir / f"{blob.blob_id}.data"
-        with open(path, "wb") as out:
-            out.truncate(blob.uncompressed_size)
-            done: set[int] = set()
-            for _, inode in sup.walk():
-                if not inode.is_reg():
-                    continue
-                for chunk in inode.chunks():
-                    if chunk.blob_index != blob.blob_index or chunk.index in done:
-                        continue
-                    done.add(chunk.index)
-                    with open(blob_dir / blob.blob_id, "rb") as f:
-                        payload = os.pread(
-                            f.fileno(), chunk.compressed_size, chunk.compressed_offset
-                        )
-                    data = (
-                        compress.decompress(blob.compressor, payload, chunk.uncompressed_size)
-                        if chunk.is_compressed
-                        else payload
-                    )
-                    os.pwrite(out.fileno(), data, chunk.uncompressed_offset)
-        paths.append(path)
-    sup.close()
-    return paths

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from nydusfs.rafs.blobview import write_uncompressed_blobs
 from nydusfs.rafs.builder.build import BuildOptions, build
 from nydusfs.types import Compressor, Digester
 from tests.helpers.erofs import fsck_erofs, kernel_has_erofs, mount_erofs
-from tests.helpers.image import snapshot_image, write_uncompressed_view
+from tests.helpers.image import snapshot_image
 from tests.helpers.tree import diff_snapshots, snapshot
 
 pytestmark = [
@@ -59,7 +60,7 @@ def test_kernel_reads_what_we_built(
         chunk_size=chunk_size,
         blob_toc=blob_toc,
     )
-    views = write_uncompressed_view(boot, blobs, tmp_path)
+    views = write_uncompressed_blobs(boot, blobs, tmp_path)
     expected = snapshot(small_tree)
     with mount_erofs(boot, tmp_path / "mnt", views) as mnt:
         seen = snapshot(mnt)
@@ -72,7 +73,7 @@ def test_fsck_erofs_accepts_and_extracts(tree_factory, tmp_path: Path) -> None: 
     # erofs-utils 1.5 mishandles 255-byte names, so this tree stops at 254.
     src = tree_factory(files=60, total_bytes=1 << 20, seed=7, long_name=254)
     boot, blobs = _build(src, tmp_path / "img", compressor=Compressor.NONE)
-    views = write_uncompressed_view(boot, blobs, tmp_path)
+    views = write_uncompressed_blobs(boot, blobs, tmp_path)
     check = fsck_erofs(boot, views)
     assert check.returncode == 0, check.stderr
     out = tmp_path / "extract"

@@ -18,10 +18,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nydusfs.rafs.blobview import write_uncompressed_blobs
 from nydusfs.rafs.builder.build import BuildOptions, build
 from nydusfs.types import Compressor, Digester
 from tests.helpers.erofs import kernel_has_erofs, mount_erofs
-from tests.helpers.image import snapshot_image, write_uncompressed_view
+from tests.helpers.image import snapshot_image
 from tests.helpers.tree import diff_snapshots, snapshot
 
 IS_ROOT = os.geteuid() == 0
@@ -162,7 +163,7 @@ def test_build_then_read_equals_source(
         expected = snapshot(src)
         assert diff_snapshots(expected, snapshot_image(boot, out), ignore=("mtime",)) == []
         if IS_ROOT and kernel_has_erofs():
-            views = write_uncompressed_view(boot, out, work)
+            views = write_uncompressed_blobs(boot, out, work)
             with mount_erofs(boot, work / "mnt", views) as mnt:
                 seen = snapshot(mnt)
             assert diff_snapshots(expected, seen, ignore=("mtime",)) == []
