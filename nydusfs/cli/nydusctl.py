@@ -1,0 +1,15 @@
+"""``nydusctl`` entry point: a placeholder until the real implementation lands."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    """Say that this command is not available yet and exit with status 2."""
+    print("nydusctl: not implemented yet in this build", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
