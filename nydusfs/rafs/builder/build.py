@@ -183,34 +183,10 @@ def _dump_directory_data(
         if not node.is_reg() or node.hardlink_of is not None or node.size == 0:
             continue
         assert node.src_path is not None
-        try:
-            fd = os.open(node.src_path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as e:
-            raise BuildError(f"cannot open {os.fsdecode(node.src_path)}: {e.strerror}") from e
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise BuildError(f"{os.fsdecode(node.src_path)} changed type during the build")
-            with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
-                writer.add_file(node, _reader(f))
-        finally:
-            os.close(fd)
+        writer.add_path(node, node.src_path)
         done += node.size
         if progress is not None:
             progress(done, total)
-
-
-def _reader(f: BinaryIO) -> Callable[[int], bytes]:
-    def read(n: int) -> bytes:
-        parts = []
-        while n > 0:
-            part = f.read(n)
-            if not part:
-                break
-            parts.append(part)
-            n -= len(part)
-        return b"".join(parts)
-
-    return read
 
 
 def _share_hardlink_chunks(nodes: Iterable[Node]) -> None:
