@@ -38,6 +38,7 @@ from nydusfs.errors import DigestMismatch, FormatError, NydusError
 from nydusfs.rafs.inode import RafsInode
 from nydusfs.rafs.superblock import RafsSuper
 from nydusfs.storage import meta
+from nydusfs.storage import toc as blob_toc
 from nydusfs.storage.device import BlobInfo, ChunkInfo
 from nydusfs.storage.localblob import LocalBlobReader
 from nydusfs.types import BlobFeatures, ChunkFlags
@@ -72,10 +73,10 @@ _RUST_ESCAPES = {"\t": "\\t", "\r": "\\r", "\n": "\\n", "\\": "\\\\", '"': '\\"'
 # ToC sections whose recorded sha256 check reads them whole (image.blob is hashed in pieces).
 _TOC_SECTIONS = frozenset(
     {
-        meta.TOC_ENTRY_BLOB_META,
-        meta.TOC_ENTRY_BLOB_META_HEADER,
-        meta.TOC_ENTRY_BLOB_DIGEST,
-        meta.TOC_ENTRY_BOOTSTRAP,
+        blob_toc.TOC_ENTRY_BLOB_META,
+        blob_toc.TOC_ENTRY_BLOB_META_HEADER,
+        blob_toc.TOC_ENTRY_BLOB_DIGEST,
+        blob_toc.TOC_ENTRY_BOOTSTRAP,
     }
 )
 _HASH_PIECE = 1 << 20
@@ -362,15 +363,15 @@ def _check_blob_meta(
         return reader.read_at(blob, offset, length)
 
     where = f"blob {blob.blob_id}"
-    toc: list[meta.TocEntry] | None = None
+    toc: list[blob_toc.TocEntry] | None = None
     if blob.has(BlobFeatures.HAS_TOC):
         try:
-            toc = meta.read_toc(size, read_at, blob.blob_toc_size, blob.blob_toc_digest)
+            toc = blob_toc.read_toc(size, read_at, blob.blob_toc_size, blob.blob_toc_digest)
             for entry in toc:
-                if entry.name == meta.TOC_ENTRY_BLOB_RAW:
+                if entry.name == blob_toc.TOC_ENTRY_BLOB_RAW:
                     _check_raw_data_digest(blob, reader, entry)
                 elif entry.name in _TOC_SECTIONS:
-                    meta.extract_toc_entry(entry, read_at)  # checks the section's sha256
+                    blob_toc.extract_toc_entry(entry, read_at)  # checks the section's sha256
         except FormatError as e:
             raise type(e)(f"{where}: ToC: {e}") from None
     if blob.ci_compressed_size and blob.ci_uncompressed_size:
@@ -389,7 +390,7 @@ def _check_blob_meta(
                     "blob's chunk info (compressed offset/size, uncompressed offset/size)"
                 )
     if toc is not None and blob.has(BlobFeatures.INLINED_CHUNK_DIGEST):
-        digests = meta.read_digest_table(toc, read_at, blob.chunk_count)
+        digests = blob_toc.read_digest_table(toc, read_at, blob.chunk_count)
         for c in chunks:
             if c.index >= len(digests) or digests[c.index] != c.digest:
                 raise FormatError(
@@ -398,7 +399,9 @@ def _check_blob_meta(
                 )
 
 
-def _check_raw_data_digest(blob: BlobInfo, reader: LocalBlobReader, entry: meta.TocEntry) -> None:
+def _check_raw_data_digest(
+    blob: BlobInfo, reader: LocalBlobReader, entry: blob_toc.TocEntry
+) -> None:
     """The ToC's ``image.blob`` digest: sha256 of the chunk data area and its tar header.
 
     Upstream's builder hashes everything it writes up to and including that tar header, so this

@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 
 from nydusfs.errors import DigestMismatch, FormatError
 from nydusfs.storage import compress, meta
+from nydusfs.storage import toc as blob_toc
 from nydusfs.storage.device import BlobInfo
-from nydusfs.storage.meta import BlobCompressionContextHeader, CiEntry, TocEntry
+from nydusfs.storage.meta import BlobCompressionContextHeader, CiEntry
+from nydusfs.storage.toc import TocEntry
 from nydusfs.types import BlobFeatures, Compressor, Digester
 from tests.fixtures_path import UPSTREAM
 
@@ -195,25 +197,25 @@ def test_header_garbage(head: bytes, tail: bytes, magics: bool) -> None:
     size=st.integers(min_value=0, max_value=(1 << 64) - 1),
 )
 def test_tar_header_round_trip(name: str, size: int) -> None:
-    raw = meta.make_tar_header(name, size)
+    raw = blob_toc.make_tar_header(name, size)
     assert len(raw) == 512
-    assert meta.parse_tar_header(raw) == meta.TarHeader(name, size)
+    assert blob_toc.parse_tar_header(raw) == blob_toc.TarHeader(name, size)
 
 
 def test_tar_header_fields() -> None:
-    raw = meta.make_tar_header("blob.digest", 64)
+    raw = blob_toc.make_tar_header("blob.digest", 64)
     assert raw[:11] == b"blob.digest" and not any(raw[11:124])  # mode, uid, gid stay NUL
     assert raw[124:136] == b"00000000100\0"
     assert raw[136:148] == b"00000000000\0"
     assert raw[156:157] == b"0" and raw[257:265] == b"ustar  \0"
     unsigned = sum(raw[:148]) + 8 * 32 + sum(raw[156:])
     assert raw[148:156] == f"{unsigned:07o}\0".encode()
-    big = meta.make_tar_header("image.blob", 8**11)
+    big = blob_toc.make_tar_header("image.blob", 8**11)
     assert big[124:136] == b"\x80\0\0\0" + (8**11).to_bytes(8, "big")
 
 
 def test_tar_header_rejects() -> None:
-    good = meta.make_tar_header("rafs.blob.toc", 512)
+    good = blob_toc.make_tar_header("rafs.blob.toc", 512)
     for bad in (
         good[:511],
         good[:257] + b"ustar\x0000" + good[265:],  # POSIX ustar, not GNU
@@ -223,14 +225,14 @@ def test_tar_header_rejects() -> None:
         good[:124] + b"\0" * 12 + good[136:],
     ):
         with pytest.raises(FormatError):
-            meta.parse_tar_header(bad)
+            blob_toc.parse_tar_header(bad)
     for name in ("", "x" * 101, "a\0b"):
         with pytest.raises(FormatError):
-            meta.make_tar_header(name, 1)
+            blob_toc.make_tar_header(name, 1)
     with pytest.raises(FormatError):
-        meta.make_tar_header("x", -1)
+        blob_toc.make_tar_header("x", -1)
     # Builders before 2.2 left the checksum empty; the header is still accepted.
-    assert meta.parse_tar_header(good[:148] + b"\0" * 8 + good[156:]).size == 512
+    assert blob_toc.parse_tar_header(good[:148] + b"\0" * 8 + good[156:]).size == 512
 
 
 @given(st.binary(min_size=512, max_size=512), st.booleans())
@@ -238,7 +240,7 @@ def test_tar_header_garbage(raw: bytes, gnu: bool) -> None:
     if gnu:
         raw = raw[:156] + b"0" + raw[157:257] + b"ustar  \0" + raw[265:]
     with contextlib.suppress(FormatError):
-        meta.parse_tar_header(raw)
+        blob_toc.parse_tar_header(raw)
 
 
 # --- ToC ------------------------------------------------------------------------------------------
@@ -256,11 +258,11 @@ toc_entries = st.builds(
 
 @given(st.lists(toc_entries, max_size=8))
 def test_toc_round_trip(entries: list[TocEntry]) -> None:
-    toc = meta.build_toc(entries)
+    toc = blob_toc.build_toc(entries)
     assert toc.size == 128 * len(entries) + 512
     assert toc.digest == hashlib.sha256(toc.data).digest()
     tail = b"padding in front" + toc.data
-    parsed = meta.parse_toc(tail, toc.digest)
+    parsed = blob_toc.parse_toc(tail, toc.digest)
     assert parsed.entries == entries and parsed.data == toc.data
 
 
@@ -285,33 +287,33 @@ def test_toc_entry_layout_and_rejects() -> None:
     with pytest.raises(FormatError):
         TocEntry.unpack(raw[:8] + b"\xff" * 16 + raw[24:])
     with pytest.raises(FormatError):
-        meta.decode_toc(raw[:100])
+        blob_toc.decode_toc(raw[:100])
 
 
 def test_parse_toc_rejects() -> None:
     entry = TocEntry("blob.digest", Compressor.NONE, bytes(32), 0, 64, 64)
-    toc = meta.build_toc([entry])
+    toc = blob_toc.build_toc([entry])
     with pytest.raises(DigestMismatch):
-        meta.parse_toc(toc.data, b"\1" * 32)
-    assert meta.parse_toc(toc.data, bytes(32)).entries == [entry]  # zero digest: not checked
-    other = toc.data[:128] + meta.make_tar_header("image.boot", 128)
+        blob_toc.parse_toc(toc.data, b"\1" * 32)
+    assert blob_toc.parse_toc(toc.data, bytes(32)).entries == [entry]  # zero digest: not checked
+    other = toc.data[:128] + blob_toc.make_tar_header("image.boot", 128)
     with pytest.raises(FormatError):
-        meta.parse_toc(other)
+        blob_toc.parse_toc(other)
     for size in (100, 256):  # not whole entries / more than the buffer holds
         with pytest.raises(FormatError):
-            meta.parse_toc(toc.data[:128] + meta.make_tar_header("rafs.blob.toc", size))
+            blob_toc.parse_toc(toc.data[:128] + blob_toc.make_tar_header("rafs.blob.toc", size))
     with pytest.raises(FormatError):
-        meta.parse_toc(toc.data[-511:])
+        blob_toc.parse_toc(toc.data[-511:])
 
 
 @given(st.binary(max_size=2048))
 def test_parse_toc_garbage(raw: bytes) -> None:
     with contextlib.suppress(FormatError):
-        meta.parse_toc(raw)
+        blob_toc.parse_toc(raw)
 
 
 def test_read_toc_area_sizes() -> None:
-    toc = meta.build_toc([TocEntry("image.blob", Compressor.NONE, bytes(32), 0, 10, 4096)])
+    toc = blob_toc.build_toc([TocEntry("image.blob", Compressor.NONE, bytes(32), 0, 10, 4096)])
     for prefix in (b"", b"p" * 10, b"q" * 5000):
         blob = prefix + toc.data
         reads: list[tuple[int, int]] = []
@@ -323,15 +325,15 @@ def test_read_toc_area_sizes() -> None:
             return blob[offset : offset + size]
 
         # Auto-detect: the last 4 KiB, or a small blob rounded down to 128 bytes.
-        assert meta.read_toc(len(blob), read_at)[0].name == "image.blob"
+        assert blob_toc.read_toc(len(blob), read_at)[0].name == "image.blob"
         assert reads[-1][1] == min(4096, len(blob) // 128 * 128)
-        assert meta.read_toc(len(blob), read_at, toc.size, toc.digest)[0].name == "image.blob"
+        assert blob_toc.read_toc(len(blob), read_at, toc.size, toc.digest)[0].name == "image.blob"
         assert reads[-1] == (len(blob) - toc.size, toc.size)
     for bad_size in (256, 700, 0x10080, len(blob) + 128):
         with pytest.raises(FormatError):
-            meta.read_toc_area(len(blob), read_at, bad_size)
+            blob_toc.read_toc_area(len(blob), read_at, bad_size)
     with pytest.raises(FormatError):
-        meta.read_toc_area(len(blob), lambda offset, size: b"short", 0)
+        blob_toc.read_toc_area(len(blob), lambda offset, size: b"short", 0)
 
 
 # --- a blob built from the pieces -----------------------------------------------------------------
@@ -353,12 +355,17 @@ def _build_blob(
         uncompressed += meta.round_up_4k(len(data))
     hashed.update(out)
     data_size = len(out)
-    tar = meta.make_tar_header(meta.TOC_ENTRY_BLOB_RAW, data_size)
+    tar = blob_toc.make_tar_header(blob_toc.TOC_ENTRY_BLOB_RAW, data_size)
     out += tar
     hashed.update(tar)
     toc = [
         TocEntry(
-            meta.TOC_ENTRY_BLOB_RAW, Compressor.NONE, hashed.digest(), 0, data_size, uncompressed
+            blob_toc.TOC_ENTRY_BLOB_RAW,
+            Compressor.NONE,
+            hashed.digest(),
+            0,
+            data_size,
+            uncompressed,
         )
     ]
     features = TOC_FEATURES | (BlobFeatures.CHUNK_INFO_V2 if v2 else 0)
@@ -368,20 +375,20 @@ def _build_blob(
     header = BlobCompressionContextHeader(
         features, ci_algo, len(entries), len(out), len(ci_payload), len(ci_data)
     ).pack()
-    toc += meta.blob_meta_toc_entries(ci_data, len(out), len(ci_payload), ci_algo, header)
+    toc += blob_toc.blob_meta_toc_entries(ci_data, len(out), len(ci_payload), ci_algo, header)
     info = BlobInfo(
         0, "test", 0x100000, len(chunks), algo, Digester.BLAKE3, features, 0, uncompressed,
         ci_compressor=ci_algo, ci_offset=len(out), ci_compressed_size=len(ci_payload),
         ci_uncompressed_size=len(ci_data),
     )  # fmt: skip
-    out += ci_payload + header + meta.make_tar_header("blob.meta", len(ci_payload) + 4096)
-    table = meta.encode_digest_table(digests)
+    out += ci_payload + header + blob_toc.make_tar_header("blob.meta", len(ci_payload) + 4096)
+    table = blob_toc.encode_digest_table(digests)
     table_digest = hashlib.sha256(table).digest()
     toc.append(
         TocEntry("blob.digest", Compressor.NONE, table_digest, len(out), len(table), len(table))
     )
-    out += table + meta.make_tar_header("blob.digest", len(table))
-    built = meta.build_toc(toc)
+    out += table + blob_toc.make_tar_header("blob.digest", len(table))
+    built = blob_toc.build_toc(toc)
     out += built.data
     info.compressed_size = len(out)
     info.blob_toc_size = built.size
@@ -401,14 +408,14 @@ def test_synthetic_blob(algo: Compressor, v2: bool) -> None:
     read_at = _reader(blob)
     loaded = meta.load_blob_meta(info, read_at)
     assert len(loaded.entries) == 4
-    toc = meta.parse_toc(meta.read_toc_area(len(blob), read_at), info.blob_toc_digest)
+    toc = blob_toc.parse_toc(blob_toc.read_toc_area(len(blob), read_at), info.blob_toc_digest)
     assert [e.name for e in toc.entries] == [
         "image.blob",
         "blob.meta",
         "blob.meta.header",
         "blob.digest",
     ]
-    assert meta.read_digest_table(toc.entries, read_at, 4) == digests
+    assert blob_toc.read_digest_table(toc.entries, read_at, 4) == digests
     for entry, data, d in zip(loaded.entries, chunks, digests, strict=True):
         payload = read_at(entry.compressed_offset, entry.compressed_size)
         used = algo if entry.compressed else Compressor.NONE
@@ -416,7 +423,7 @@ def test_synthetic_blob(algo: Compressor, v2: bool) -> None:
         assert blake3.blake3(data).digest() == d
     meta_entry = toc.get("blob.meta")
     assert meta_entry is not None
-    assert meta.extract_toc_entry(meta_entry, read_at) == loaded.ci_data
+    assert blob_toc.extract_toc_entry(meta_entry, read_at) == loaded.ci_data
 
     # The blob table and the header must agree; a stale table is an error, not garbage.
     for change in (
@@ -445,16 +452,16 @@ def test_blob_meta_corruption() -> None:
             meta.load_blob_meta(info, _reader(bytes(broken)))
     with pytest.raises(FormatError):
         meta.load_blob_meta(info, _reader(blob[: ci_end + 100]))
-    toc = meta.read_toc(len(blob), _reader(blob))
+    toc = blob_toc.read_toc(len(blob), _reader(blob))
     table_at = toc[-1].compressed_offset
     broken = bytearray(blob)
     broken[table_at] ^= 1
     with pytest.raises(DigestMismatch):
-        meta.read_digest_table(toc, _reader(bytes(broken)), 2)
+        blob_toc.read_digest_table(toc, _reader(bytes(broken)), 2)
     with pytest.raises(FormatError):
-        meta.read_digest_table(toc, _reader(blob), 3)
+        blob_toc.read_digest_table(toc, _reader(blob), 3)
     with pytest.raises(FormatError):
-        meta.read_digest_table(toc[:-1], _reader(blob), 2)
+        blob_toc.read_digest_table(toc[:-1], _reader(blob), 2)
 
 
 def test_chunk_beyond_blob_is_rejected() -> None:
@@ -470,12 +477,12 @@ def test_chunk_beyond_blob_is_rejected() -> None:
 
 def test_digest_table() -> None:
     digests = [bytes([i]) * 32 for i in range(5)]
-    table = meta.encode_digest_table(digests)
-    assert meta.decode_digest_table(table, 5) == digests
+    table = blob_toc.encode_digest_table(digests)
+    assert blob_toc.decode_digest_table(table, 5) == digests
     with pytest.raises(FormatError):
-        meta.decode_digest_table(table, 4)
+        blob_toc.decode_digest_table(table, 4)
     with pytest.raises(FormatError):
-        meta.encode_digest_table([b"short"])
+        blob_toc.encode_digest_table([b"short"])
 
 
 def test_extract_compressed_bootstrap() -> None:
@@ -485,11 +492,11 @@ def test_extract_compressed_bootstrap() -> None:
         "image.boot", Compressor.ZSTD, hashlib.sha256(boot).digest(), 3, len(payload), len(boot)
     )
     blob = b"abc" + payload
-    assert meta.extract_toc_entry(entry, _reader(blob)) == boot
+    assert blob_toc.extract_toc_entry(entry, _reader(blob)) == boot
     with pytest.raises(FormatError):
-        meta.extract_toc_entry(entry, _reader(blob), limit=100)
+        blob_toc.extract_toc_entry(entry, _reader(blob), limit=100)
     with pytest.raises(FormatError):
-        meta.extract_toc_entry(
+        blob_toc.extract_toc_entry(
             dataclasses.replace(entry, compressor=Compressor.NONE), _reader(blob)
         )
 
@@ -536,7 +543,7 @@ def test_upstream_blob_table(upstream_blob: bytes, upstream_info: BlobInfo) -> N
 def test_upstream_blob_end_to_end(upstream_blob: bytes, upstream_info: BlobInfo) -> None:
     blob, info, read_at = upstream_blob, upstream_info, _reader(upstream_blob)
 
-    toc = meta.parse_toc(meta.read_toc_area(len(blob), read_at), info.blob_toc_digest)
+    toc = blob_toc.parse_toc(blob_toc.read_toc_area(len(blob), read_at), info.blob_toc_digest)
     assert toc.size == info.blob_toc_size and toc.digest == info.blob_toc_digest
     assert [(e.name, e.compressor) for e in toc.entries] == [
         ("image.blob", Compressor.NONE),
@@ -545,7 +552,7 @@ def test_upstream_blob_end_to_end(upstream_blob: bytes, upstream_info: BlobInfo)
         ("blob.digest", Compressor.NONE),
     ]
     by_name = {e.name: e for e in toc.entries}
-    assert meta.read_toc(len(blob), read_at, info.blob_toc_size) == toc.entries
+    assert blob_toc.read_toc(len(blob), read_at, info.blob_toc_size) == toc.entries
 
     loaded = meta.load_blob_meta(info, read_at)
     header = loaded.header
@@ -557,7 +564,7 @@ def test_upstream_blob_end_to_end(upstream_blob: bytes, upstream_info: BlobInfo)
     ]
     assert meta.read_ci_entries(info, read_at) == loaded.entries
 
-    digests = meta.read_digest_table(toc.entries, read_at, info.chunk_count)
+    digests = blob_toc.read_digest_table(toc.entries, read_at, info.chunk_count)
     for entry, expected in zip(loaded.entries, digests, strict=True):
         payload = read_at(entry.compressed_offset, entry.compressed_size)
         data = compress.decompress(Compressor.ZSTD, payload, entry.uncompressed_size)
@@ -571,7 +578,7 @@ def test_upstream_blob_end_to_end(upstream_blob: bytes, upstream_info: BlobInfo)
     hdr = by_name["blob.meta.header"]
     assert (hdr.compressed_offset, hdr.compressed_size) == (0x209A, 4096)
     assert hdr.uncompressed_digest == hashlib.sha256(read_at(0x209A, 4096)).digest()
-    assert meta.extract_toc_entry(hdr, read_at) == header.pack()
+    assert blob_toc.extract_toc_entry(hdr, read_at) == header.pack()
     table = by_name["blob.digest"]
     assert (table.compressed_offset, table.compressed_size) == (0x329A, 64)
     # image.blob: the digest covers the chunk data *and* its tar header; nydus 2.2 recorded
@@ -580,7 +587,7 @@ def test_upstream_blob_end_to_end(upstream_blob: bytes, upstream_info: BlobInfo)
     assert raw.uncompressed_digest == hashlib.sha256(blob[: info.ci_offset]).digest()
     assert (raw.compressed_offset, raw.compressed_size) == (0x1E7A, 0x1E7A)
     assert raw.uncompressed_size == info.uncompressed_size == 0x9000
-    assert meta.blob_meta_toc_entries(
+    assert blob_toc.blob_meta_toc_entries(
         loaded.ci_data, info.ci_offset, info.ci_compressed_size, Compressor.NONE, header.pack()
     ) == (ci, hdr)
 
@@ -597,10 +604,10 @@ def test_upstream_blob_bytes_are_reproduced(upstream_blob: bytes, upstream_info:
         (0x32DA, "blob.digest", 64),
         (len(blob) - 512, "rafs.blob.toc", 512),
     ):
-        assert meta.make_tar_header(name, size) == blob[offset : offset + 512]
+        assert blob_toc.make_tar_header(name, size) == blob[offset : offset + 512]
     # The ToC, except 2.2's uninitialised reserved bytes (current upstream zeroes them).
-    toc = meta.parse_toc(blob[-info.blob_toc_size :])
-    built = meta.build_toc(toc.entries)
+    toc = blob_toc.parse_toc(blob[-info.blob_toc_size :])
+    built = blob_toc.build_toc(toc.entries)
     expected = bytearray(blob[-info.blob_toc_size :])
     for i in range(len(toc.entries)):
         expected[128 * i + 80 : 128 * i + 128] = bytes(48)
@@ -641,7 +648,7 @@ def test_upstream_blob_with_a_damaged_byte(
     with contextlib.suppress(FormatError):
         meta.load_blob_meta(upstream_info, read_at)
     with contextlib.suppress(FormatError):
-        toc = meta.read_toc(len(broken), read_at, expected_digest=upstream_info.blob_toc_digest)
-        meta.read_digest_table(toc, read_at, upstream_info.chunk_count)
+        toc = blob_toc.read_toc(len(broken), read_at, expected_digest=upstream_info.blob_toc_digest)
+        blob_toc.read_digest_table(toc, read_at, upstream_info.chunk_count)
     with contextlib.suppress(FormatError):
-        meta.read_toc(len(broken), read_at)
+        blob_toc.read_toc(len(broken), read_at)

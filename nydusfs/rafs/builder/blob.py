@@ -28,6 +28,7 @@ import crc32c
 from nydusfs.errors import BuildError
 from nydusfs.rafs.builder.node import Node
 from nydusfs.storage import compress, digest, meta
+from nydusfs.storage import toc as blob_toc
 from nydusfs.storage.device import BlobInfo, ChunkInfo
 from nydusfs.types import BlobFeatures, ChunkFlags, Compressor, Digester
 
@@ -76,7 +77,7 @@ class BlobWriter:
         self._pool = ThreadPoolExecutor(max_workers=max(1, options.threads))
         self._pending: collections.deque[_Pending] = collections.deque()
         self._max_pending = 4 * max(1, options.threads)
-        self._toc: list[meta.TocEntry] = []
+        self._toc: list[blob_toc.TocEntry] = []
         self.deduplicated_chunks = 0
         self.deduplicated_bytes = 0
 
@@ -216,7 +217,7 @@ class BlobWriter:
         self._pos += len(data)
 
     def _tar_header(self, name: str, size: int) -> bytes:
-        header = meta.make_tar_header(name, size)
+        header = blob_toc.make_tar_header(name, size)
         self._write(header)
         return header
 
@@ -240,10 +241,10 @@ class BlobWriter:
             )
         data_size = self._pos
         if opts.blob_toc:
-            self._tar_header(meta.TOC_ENTRY_BLOB_RAW, data_size)
+            self._tar_header(blob_toc.TOC_ENTRY_BLOB_RAW, data_size)
             self._toc.append(
-                meta.TocEntry(
-                    name=meta.TOC_ENTRY_BLOB_RAW,
+                blob_toc.TocEntry(
+                    name=blob_toc.TOC_ENTRY_BLOB_RAW,
                     compressor=Compressor.NONE,
                     uncompressed_digest=self._hash.copy().digest(),
                     compressed_offset=0,
@@ -269,10 +270,10 @@ class BlobWriter:
         toc_digest = bytes(32)
         toc_size = 0
         if opts.blob_toc:
-            self._tar_header(meta.TOC_ENTRY_BLOB_META, len(ci_payload) + len(header))
+            self._tar_header(blob_toc.TOC_ENTRY_BLOB_META, len(ci_payload) + len(header))
             self._toc.append(
-                meta.TocEntry(
-                    name=meta.TOC_ENTRY_BLOB_META,
+                blob_toc.TocEntry(
+                    name=blob_toc.TOC_ENTRY_BLOB_META,
                     compressor=ci_compressor,
                     uncompressed_digest=hashlib.sha256(ci_raw).digest(),
                     compressed_offset=ci_offset,
@@ -281,8 +282,8 @@ class BlobWriter:
                 )
             )
             self._toc.append(
-                meta.TocEntry(
-                    name=meta.TOC_ENTRY_BLOB_META_HEADER,
+                blob_toc.TocEntry(
+                    name=blob_toc.TOC_ENTRY_BLOB_META_HEADER,
                     compressor=Compressor.NONE,
                     uncompressed_digest=hashlib.sha256(header).digest(),
                     compressed_offset=ci_offset + len(ci_payload),
@@ -293,10 +294,10 @@ class BlobWriter:
             table = b"".join(self._digests)
             table_offset = self._pos
             self._write_unhashed(table)
-            self._tar_header(meta.TOC_ENTRY_BLOB_DIGEST, len(table))
+            self._tar_header(blob_toc.TOC_ENTRY_BLOB_DIGEST, len(table))
             self._toc.append(
-                meta.TocEntry(
-                    name=meta.TOC_ENTRY_BLOB_DIGEST,
+                blob_toc.TocEntry(
+                    name=blob_toc.TOC_ENTRY_BLOB_DIGEST,
                     compressor=Compressor.NONE,
                     uncompressed_digest=hashlib.sha256(table).digest(),
                     compressed_offset=table_offset,
@@ -304,9 +305,9 @@ class BlobWriter:
                     uncompressed_size=len(table),
                 )
             )
-            toc_bytes = meta.encode_toc(self._toc)
+            toc_bytes = blob_toc.encode_toc(self._toc)
             self._write(toc_bytes)
-            toc_header = self._tar_header(meta.TOC_ENTRY_BLOB_TOC, len(toc_bytes))
+            toc_header = self._tar_header(blob_toc.TOC_ENTRY_BLOB_TOC, len(toc_bytes))
             toc_digest = hashlib.sha256(toc_bytes + toc_header).digest()
             toc_size = len(toc_bytes) + len(toc_header)
 
