@@ -39,7 +39,7 @@ PROMPT = "Inspecting RAFS :> "
 # --- shared helpers -------------------------------------------------------------------------------
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-L", "--log-file", help="log file path")
     p.add_argument(
         "-l",
@@ -292,7 +292,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("-C", "--config", help="storage backend configuration (not supported yet)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every inode and chunk")
     p.add_argument("-J", "--output-json", help="file to save the result to, as JSON")
-    _add_common(p)
+    add_common(p)
 
     p = sub.add_parser("inspect", help="inspect RAFS metadata interactively or in request mode")
     _add_bootstrap(p)
@@ -304,7 +304,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="run one request (stats, ls, stat FILE, blobs, prefetch, chunk OFFSET, "
         "icheck INODE) and print its JSON result",
     )
-    _add_common(p)
+    add_common(p)
 
     p = sub.add_parser("stat", help="generate statistics for RAFS filesystems")
     p.add_argument("-B", "--bootstrap", help="statistics of this RAFS filesystem")
@@ -317,7 +317,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--digester", default="blake3", choices=["blake3", "sha256"], help="chunk digest algorithm"
     )
     p.add_argument("-J", "--output-json", help="file to save the statistics to, as JSON")
-    _add_common(p)
+    add_common(p)
 
     p = sub.add_parser("unpack", help="unpack a RAFS filesystem to a tar file")
     _add_bootstrap(p)
@@ -328,7 +328,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--backend-config", help="backend configuration string")
     p.add_argument("--backend-config-file", help="backend configuration file")
     p.add_argument("--output", required=True, help="path for the output tar file")
-    _add_common(p)
+    add_common(p)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from nydusfs import __version__
+from nydusfs.cli import image_tools
 from nydusfs.errors import NydusError
 from nydusfs.types import Compressor, Digester
 
@@ -26,17 +27,6 @@ def _size(text: str) -> int:
         return int(text, 16) if text.lower().startswith("0x") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
-
-
-def _add_log_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-L", "--log-file", help="log file path")
-    p.add_argument(
-        "-l",
-        "--log-level",
-        default="info",
-        choices=["trace", "debug", "info", "warn", "error"],
-        help="log level",
-    )
 
 
 def _create_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -77,7 +67,7 @@ def _create_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--aligned-chunk", action="store_true", help="implied for RAFS v6")
     p.add_argument("-J", "--output-json", help="write the build result as JSON to this file")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help=argparse.SUPPRESS)
-    _add_log_args(p)
+    image_tools.add_common(p)
 
 
 def _progress_printer() -> Callable[[int, int], None] | None:
@@ -163,8 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"nydus-image {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _create_parser(sub)
-    from nydusfs.cli import image_tools
-
     image_tools.add_parsers(sub)
     return parser
 
@@ -186,8 +174,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from nydusfs.cli import image_tools
-
     args = build_parser().parse_args(argv)
     if not hasattr(args, "log_level"):
         args.log_level = "info"

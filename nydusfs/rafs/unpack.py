@@ -30,11 +30,11 @@ import logging
 import os
 import pwd
 import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from nydusfs.atomicfile import atomic_write
 from nydusfs.errors import FormatError, NydusError
 from nydusfs.rafs.superblock import RafsSuper
 from nydusfs.storage.localblob import LocalBlobReader
@@ -303,18 +303,9 @@ def unpack_to_path(
     if st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
         with open(output, "wb") as f:
             return unpack(sup, reader, f, validate=validate)
-    directory = os.path.dirname(os.path.abspath(output))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".nydus-unpack-", dir=directory)
-    except OSError as e:
-        raise NydusError(f"cannot create output file in {directory}: {e.strerror}") from e
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+        with atomic_write(output, buffering=1 << 20) as f:
             result = unpack(sup, reader, f, validate=validate)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except PermissionError as e:
+        raise NydusError(f"cannot write {output}: {e.strerror}") from e
     return result

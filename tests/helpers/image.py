@@ -15,16 +15,7 @@ from typing import Any
 from nydusfs.rafs.inode import RafsInode
 from nydusfs.rafs.superblock import RafsSuper
 from nydusfs.storage import compress, digest
-
-_TYPES = {
-    stat.S_IFREG: "reg",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "lnk",
-    stat.S_IFCHR: "chr",
-    stat.S_IFBLK: "blk",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "sock",
-}
+from tests.helpers.tree import FILE_TYPES
 
 
 def file_bytes(sup: RafsSuper, inode: RafsInode, blob_dir: Path) -> bytes:
@@ -55,7 +46,7 @@ def snapshot_image(bootstrap: Path, blob_dir: Path) -> dict[bytes, dict[str, Any
     result: dict[bytes, dict[str, Any]] = {}
     groups: dict[int, int] = {}
     for path, inode in sup.walk():
-        kind = _TYPES[stat.S_IFMT(inode.mode)]
+        kind = FILE_TYPES[stat.S_IFMT(inode.mode)]
         entry: dict[str, Any] = {
             "type": kind,
             "mode": stat.S_IMODE(inode.mode),

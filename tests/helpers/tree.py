@@ -23,7 +23,7 @@ Snapshot = dict[bytes, dict[str, Any]]
 # The ``tree_factory`` fixture (tests/conftest.py): make_tree keyword arguments -> cached root.
 TreeFactory = Callable[..., Path]
 
-_TYPES = {
+FILE_TYPES = {
     stat.S_IFREG: "reg",
     stat.S_IFDIR: "dir",
     stat.S_IFLNK: "lnk",
@@ -95,7 +95,7 @@ def snapshot(root: Path | str | bytes, *, mtime: bool = False, dir_size: bool = 
     result: Snapshot = {}
     inodes: dict[tuple[int, int], list[bytes]] = {}
     for rel, full, st in _walk(_fs(root).rstrip(b"/")):
-        kind = _TYPES[stat.S_IFMT(st.st_mode)]
+        kind = FILE_TYPES[stat.S_IFMT(st.st_mode)]
         entry: dict[str, Any] = {
             "type": kind,
             "mode": stat.S_IMODE(st.st_mode),

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from nydusfs.atomicfile import atomic_write
 from nydusfs.errors import BuildError
 from nydusfs.rafs.builder import directory
 from nydusfs.rafs.builder.blob import BlobOptions, BlobWriter
@@ -233,15 +234,6 @@ def _publish_bootstrap(opts: BuildOptions, data: bytes) -> str:
     else:
         assert opts.blob_dir is not None
         target = os.path.join(opts.blob_dir, hashlib.sha256(data).hexdigest())
-    directory_ = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(prefix=".nydus-boot-", dir=directory_)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(target) as f:
+        f.write(data)
     return target
