@@ -35,11 +35,16 @@ class DigestMismatch(FormatError):
 
 
 class BackendError(NydusError, OSError):
-    """A blob backend failed to serve a request. Maps to EIO for the read that needed it."""
+    """A blob backend failed to serve a request. Maps to EIO for the read that needed it.
 
-    def __init__(self, message: str, *, code: int = errno.EIO) -> None:
+    ``retryable`` is False for answers that a retry cannot change (404, bad credentials, a
+    blob shorter than asked), so the retry loop gives up at once.
+    """
+
+    def __init__(self, message: str, *, code: int = errno.EIO, retryable: bool = True) -> None:
         super().__init__(code, message)
         self.message = message
+        self.retryable = retryable
 
     def __str__(self) -> str:
         return self.message
