@@ -6,10 +6,10 @@ PYTHON ?= python3
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-# Kernel peers and tools the tests drive (erofs-utils, squashfuse, ...), and what pyfuse3
-# needs to build (libfuse3-dev, pkg-config, gcc).
+# Kernel peers and tools the tests drive (erofs-utils, squashfuse, ...), the servers the
+# backend tests run on loopback (nginx, docker-registry), and what pyfuse3 needs to build.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc erofs-utils squashfuse squashfs-tools \
-	attr acl gdisk util-linux kmod
+	attr acl gdisk util-linux kmod nginx-light docker-registry curl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -qq -o Dpkg::Use-Pty=0
 
