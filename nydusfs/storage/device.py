@@ -2,14 +2,19 @@
 
 ``BlobInfo`` is one entry of a bootstrap's blob table; ``ChunkInfo`` describes one chunk of file
 data: where it lives in its blob (compressed) and in the blob's uncompressed view. RAFS reads
-data only through ``BlobDevice.read`` (storage issue); these plain records are what it passes.
+data only through ``BlobDevice.read`` (``nydusfs/storage/blobdevice.py``, re-exported here);
+``BlobIoDesc`` records are what it passes: one contiguous piece of one chunk's uncompressed data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from nydusfs.types import BlobFeatures, ChunkFlags, Cipher, Compressor, Digester
+
+if TYPE_CHECKING:
+    from nydusfs.storage.blobdevice import BlobDevice as BlobDevice
 
 
 @dataclass(slots=True)
@@ -64,3 +69,29 @@ class BlobInfo:
 
     def has(self, feature: BlobFeatures) -> bool:
         return bool(self.features & feature)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobIoDesc:
+    """One piece of a read: ``size`` bytes at ``offset`` in ``chunk``'s *uncompressed* data.
+
+    Upstream's ``BlobIoDesc`` (``storage/src/device.rs``) without the ``user_io`` flag: every
+    descriptor RAFS passes is user I/O; read amplification is the cache's business.
+    ``chunk.blob_index`` must equal ``blob.blob_index`` and ``offset + size`` must not pass
+    ``chunk.uncompressed_size``; ``BlobDevice.read`` checks both.
+    """
+
+    blob: BlobInfo
+    chunk: ChunkInfo
+    offset: int
+    size: int
+
+
+def __getattr__(name: str) -> Any:
+    # ``BlobDevice`` lives in blobdevice.py, which imports this module; resolving it lazily keeps
+    # ``from nydusfs.storage.device import BlobDevice`` working without an import cycle.
+    if name == "BlobDevice":
+        from nydusfs.storage.blobdevice import BlobDevice
+
+        return BlobDevice
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

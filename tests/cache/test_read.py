@@ -1,0 +1,357 @@
+"""BlobDevice reads through blobcache and dummycache: data, cache hits, on-disk layout, restart,
+merging and amplification."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+
+from nydusfs.storage import compress
+from nydusfs.storage.cache.chunkmap import HEADER_SIZE, MAGIC1, MAGIC2, MAGIC_ALL_READY
+from nydusfs.storage.device import BlobDevice
+from nydusfs.storage.meta import compressed_data_size, load_blob_meta, pack_blob_meta_file
+from tests.cache.backend import FileBackend
+from tests.cache.util import Image, chunk_desc, chunks_of, descs_for, make_config
+
+pytestmark = pytest.mark.timeout(60)
+
+MODES = [
+    pytest.param("blobcache", False, id="blobcache"),
+    pytest.param("blobcache", True, id="blobcache-compressed"),
+    pytest.param("dummycache", False, id="dummycache"),
+]
+
+
+@pytest.mark.parametrize(("cache_type", "compressed"), MODES)
+@pytest.mark.parametrize("batch_size", [0, 1 << 20])
+def test_cold_then_warm_reads_equal_source(
+    image: Image, tmp_path: Path, cache_type: str, compressed: bool, batch_size: int
+) -> None:
+    sup = image.load()
+    backend = FileBackend(image.blob_dir)
+    config = make_config(
+        cache_type, tmp_path / "cache", compressed=compressed, batch_size=batch_size
+    )
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, backend)
+        for name, data in image.files.items():
+            assert await device.read(descs_for(sup, name)) == data, name
+        # Unaligned pieces, across chunk boundaries, served warm (or again from the backend).
+        for name, data in image.files.items():
+            for offset, size in ((1, 100), (0x10000 - 7, 20), (12345, 200_000), (len(data) - 3, 3)):
+                got = await device.read(descs_for(sup, name, offset, size))
+                assert got == data[offset : offset + size], (name, offset, size)
+        await device.close()
+
+    trio.run(main)
+
+
+def test_warm_read_hits_cache_without_backend(image: Image, tmp_path: Path) -> None:
+    sup = image.load()
+    blob = sup.blobs[0]
+    backend = FileBackend(image.blob_dir)
+    config = make_config("blobcache", tmp_path, batch_size=0)
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, backend)
+        assert await device.read(descs_for(sup, "text")) == image.files["text"]
+        cold = len(backend.data_reads(blob))
+        assert cold == 1  # ten adjacent chunks, one ranged request
+        assert device.metrics.whole_hits == 0
+        assert (
+            await device.read(descs_for(sup, "text", 1000, 300_000))
+            == (image.files["text"][1000:301_000])
+        )
+        assert len(backend.data_reads(blob)) == cold
+        assert device.metrics.whole_hits == 1
+        assert device.backend.metrics.read_count == cold
+        # Half warm: the text chunks are cached, small's chunk is not.
+        iovec = descs_for(sup, "text", 0, 10) + descs_for(sup, "small")
+        assert await device.read(iovec) == image.files["text"][:10] + image.files["small"]
+        assert device.metrics.partial_hits == 1
+        assert device.metrics.total == 3
+        assert device.metrics.entries_count == 11
+        await device.close()
+
+    trio.run(main)
+
+
+def test_blob_data_layout(image: Image, tmp_path: Path) -> None:
+    """``.blob.data``: sparse, uncompressed_size bytes, each chunk at its uncompressed offset."""
+    sup = image.load()
+    blob = sup.blobs[0]
+    config = make_config("blobcache", tmp_path, batch_size=1 << 20)
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, FileBackend(image.blob_dir))
+        for name in image.files:
+            await device.read(descs_for(sup, name))
+        assert device.metrics.data_all_ready
+        await device.close()
+
+    trio.run(main)
+    data_file = tmp_path / f"{blob.blob_id}.blob.data"
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        f"{blob.blob_id}{suffix}" for suffix in (".blob.data", ".blob.data.chunk_map", ".blob.meta")
+    )
+    assert data_file.stat().st_size == blob.uncompressed_size
+    cached = data_file.read_bytes()
+    for name, data in image.files.items():
+        for c in chunks_of(sup, name):
+            piece = cached[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size]
+            assert piece == data[c.file_offset : c.file_offset + c.uncompressed_size]
+    with open(image.blob_dir / blob.blob_id, "rb") as f:
+        meta = load_blob_meta(blob, lambda off, size: os.pread(f.fileno(), size, off))
+    assert (tmp_path / f"{blob.blob_id}.blob.meta").read_bytes() == pack_blob_meta_file(meta)
+    header = (tmp_path / f"{blob.blob_id}.blob.data.chunk_map").read_bytes()
+    assert len(header) == HEADER_SIZE + (blob.chunk_count + 7) // 8
+    # Every chunk was read, so the map says "all ready" in its header as well as in its bits.
+    assert struct.unpack_from("<IIII", header) == (MAGIC1, 1, MAGIC2, MAGIC_ALL_READY)
+    assert header[HEADER_SIZE:-1] == b"\xff" * (len(header) - HEADER_SIZE - 1)
+
+
+def test_blob_raw_layout(image: Image, tmp_path: Path) -> None:
+    """``.blob.raw``: the blob's chunk data as stored, each chunk at its compressed offset,
+    inflated again on every read."""
+    sup = image.load()
+    blob = sup.blobs[0]
+    config = make_config("blobcache", tmp_path, compressed=True, batch_size=0)
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, FileBackend(image.blob_dir))
+        assert await device.read(descs_for(sup, "text")) == image.files["text"]
+        assert await device.read(descs_for(sup, "text")) == image.files["text"]
+        await device.close()
+
+    trio.run(main)
+    raw = (tmp_path / f"{blob.blob_id}.blob.raw").read_bytes()
+    assert not (tmp_path / f"{blob.blob_id}.blob.data").exists()
+    assert len(raw) == compressed_data_size(blob)
+    source = (image.blob_dir / blob.blob_id).read_bytes()
+    for c in chunks_of(sup, "text"):
+        assert c.is_compressed
+        stored = raw[c.compressed_offset : c.compressed_offset + c.compressed_size]
+        assert stored == source[c.compressed_offset : c.compressed_offset + c.compressed_size]
+        inflated = compress.decompress(blob.compressor, stored, c.uncompressed_size)
+        assert inflated == image.files["text"][c.file_offset : c.file_offset + c.uncompressed_size]
+    # Chunks never fetched are holes (zeros) in the sparse file.
+    rand0 = chunks_of(sup, "rand")[5]
+    assert raw[rand0.compressed_offset : rand0.compressed_offset + 16] == bytes(16)
+
+
+def test_chunk_map_bit_order(image: Image, tmp_path: Path) -> None:
+    """Chunk i is bit 7 - i % 8 of byte i // 8 (upstream: set_ready(3) gives 0b0001_0000)."""
+    sup = image.load()
+    blob = sup.blobs[0]
+    rand = chunks_of(sup, "rand")
+    config = make_config("blobcache", tmp_path, batch_size=0)
+    path = tmp_path / f"{blob.blob_id}.blob.data.chunk_map"
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, FileBackend(image.blob_dir))
+        assert rand[3].index == 3 and rand[9].index == 9
+        await device.read(chunk_desc(blob, rand[3]))
+        bitmap = path.read_bytes()[HEADER_SIZE:]
+        assert bitmap[:2] == b"\x10\x00"
+        await device.read(chunk_desc(blob, rand[9]))
+        await device.read(chunk_desc(blob, rand[0]))
+        bitmap = path.read_bytes()[HEADER_SIZE:]
+        assert bitmap[:2] == b"\x90\x40"
+        assert struct.unpack_from("<IIII", path.read_bytes()) == (MAGIC1, 1, MAGIC2, 0)
+        await device.close()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_restart_fetches_only_missing_chunks(
+    image: Image, tmp_path: Path, compressed: bool
+) -> None:
+    sup = image.load()
+    blob = sup.blobs[0]
+    rand = chunks_of(sup, "rand")
+    config = make_config("blobcache", tmp_path, compressed=compressed, batch_size=0)
+    first = FileBackend(image.blob_dir)
+
+    async def before() -> None:
+        device = BlobDevice(sup.blobs, config, first)
+        assert (
+            await device.read(descs_for(sup, "rand", 0, 10 * 0x10000))
+            == (image.files["rand"][: 10 * 0x10000])
+        )
+        await device.close()
+
+    trio.run(before)
+    assert first.chunks_read(blob, rand) == set(range(10))
+    second = FileBackend(image.blob_dir)
+
+    async def after() -> None:
+        device = BlobDevice(sup.blobs, config, second)
+        assert device.metrics.entries_count == 10
+        assert (
+            await device.read(descs_for(sup, "rand", 0, 10 * 0x10000))
+            == (image.files["rand"][: 10 * 0x10000])
+        )
+        assert second.reads == []
+        assert device.metrics.whole_hits == 1
+        assert await device.read(descs_for(sup, "rand")) == image.files["rand"]
+        await device.close()
+
+    trio.run(after)
+    assert second.chunks_read(blob, rand) == {c.index for c in rand[10:]}
+
+
+def test_switching_compressed_mode_starts_afresh(image: Image, tmp_path: Path) -> None:
+    """The chunk map is shared by name between modes (as upstream), so a mode switch must not
+    trust bits that describe the other file."""
+    sup = image.load()
+    blob = sup.blobs[0]
+
+    async def read(compressed: bool, backend: FileBackend) -> None:
+        config = make_config("blobcache", tmp_path, compressed=compressed, batch_size=0)
+        device = BlobDevice(sup.blobs, config, backend)
+        assert await device.read(descs_for(sup, "text")) == image.files["text"]
+        await device.close()
+
+    trio.run(read, True, FileBackend(image.blob_dir))
+    again = FileBackend(image.blob_dir)
+    trio.run(read, False, again)
+    assert len(again.data_reads(blob)) == 1
+    assert not (tmp_path / f"{blob.blob_id}.blob.raw").exists()
+
+
+def test_merging_adjacent_missing_chunks(image: Image, tmp_path: Path) -> None:
+    sup = image.load()
+    blob = sup.blobs[0]
+    rand = chunks_of(sup, "rand")[10:18]  # 8 adjacent 64 KiB chunks
+
+    async def one_read(batch_size: int, workdir: Path) -> FileBackend:
+        backend = FileBackend(image.blob_dir)
+        device = BlobDevice(
+            sup.blobs, make_config("blobcache", workdir, batch_size=batch_size), backend
+        )
+        await device.read([d for c in rand for d in chunk_desc(blob, c)])
+        await device.close()
+        return backend
+
+    async def separate_reads(batch_size: int, workdir: Path) -> FileBackend:
+        backend = FileBackend(image.blob_dir)
+        device = BlobDevice(
+            sup.blobs, make_config("blobcache", workdir, batch_size=batch_size), backend
+        )
+        for c in rand:
+            await device.read(chunk_desc(blob, c))
+        await device.close()
+        return backend
+
+    # One read of N missing chunks with a large batch: one request, exactly the chunks' range
+    # (plus amplification up to the batch size).
+    backend = trio.run(one_read, 1 << 20, tmp_path / "a")
+    reads = backend.data_reads(blob)
+    assert len(reads) == 1
+    assert reads[0][0] == rand[0].compressed_offset
+    assert reads[0][1] == 1 << 20  # amplified to 16 chunks
+    # batch_size 0: no amplification, so N separate reads make N requests ...
+    backend = trio.run(separate_reads, 0, tmp_path / "b")
+    assert backend.data_reads(blob) == [(c.compressed_offset, c.compressed_size) for c in rand]
+    # ... while one read of N adjacent chunks is still one request, of exactly those chunks.
+    backend = trio.run(one_read, 0, tmp_path / "c")
+    assert backend.data_reads(blob) == [(rand[0].compressed_offset, 8 * 0x10000)]
+    # A batch smaller than the read splits it (128 KiB is the floor, as upstream).
+    backend = trio.run(one_read, 0x20000, tmp_path / "d")
+    assert len(backend.data_reads(blob)) == 4
+
+
+def test_amplification_prefetches_following_chunks(image: Image, tmp_path: Path) -> None:
+    sup = image.load()
+    blob = sup.blobs[0]
+    rand = chunks_of(sup, "rand")
+    backend = FileBackend(image.blob_dir)
+    config = make_config("blobcache", tmp_path, batch_size=0x40000)  # 4 chunks
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, backend)
+        await device.read(descs_for(sup, "rand", 20 * 0x10000, 100))
+        assert backend.chunks_read(blob, rand) == {20, 21, 22, 23}
+        for i in (21, 22, 23):
+            assert device.cache_of(0).state.is_ready(i)
+        await device.read(descs_for(sup, "rand", 21 * 0x10000, 3 * 0x10000))
+        assert len(backend.data_reads(blob)) == 1
+        # Amplification stops at the first ready chunk: reading 19 fetches only 19.
+        await device.read(descs_for(sup, "rand", 19 * 0x10000, 10))
+        assert backend.data_reads(blob)[-1] == (rand[19].compressed_offset, 0x10000)
+        await device.close()
+
+    trio.run(main)
+
+
+def test_deduplicated_chunks_read_once(image: Image, tmp_path: Path) -> None:
+    """``dup`` shares its two chunks with ``rand``: reading one warms the other."""
+    sup = image.load()
+    blob = sup.blobs[0]
+    backend = FileBackend(image.blob_dir)
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, make_config("blobcache", tmp_path), backend)
+        assert await device.read(descs_for(sup, "dup")) == image.files["dup"]
+        assert await device.read(descs_for(sup, "rand", 0, 0x20000)) == image.files["dup"]
+        # The same chunk twice in one iovec.
+        twice = descs_for(sup, "dup", 0, 10) + descs_for(sup, "rand", 5, 10)
+        assert await device.read(twice) == image.files["dup"][:10] + image.files["rand"][5:15]
+        await device.close()
+
+    trio.run(main)
+    assert len(backend.data_reads(blob)) == 1
+
+
+def test_bad_descriptors(image: Image, tmp_path: Path) -> None:
+    sup = image.load()
+    blob = sup.blobs[0]
+    chunk = chunks_of(sup, "small")[0]
+    from nydusfs.storage.device import BlobIoDesc
+
+    async def main() -> None:
+        device = BlobDevice(
+            sup.blobs, make_config("blobcache", tmp_path), FileBackend(image.blob_dir)
+        )
+        assert await device.read([]) == b""
+        assert await device.read([BlobIoDesc(blob, chunk, 5, 0)]) == b""
+        with pytest.raises(OSError) as err:
+            await device.read([BlobIoDesc(blob, chunk, 10, chunk.uncompressed_size)])
+        assert err.value.errno == 22
+        await device.close()
+        with pytest.raises(OSError):
+            await device.read(chunk_desc(blob, chunk))
+
+    trio.run(main)
+
+
+def test_localfs_backend(image: Image, tmp_path: Path) -> None:
+    """The real localfs backend, once it exists."""
+    backends = pytest.importorskip("nydusfs.storage.backends")
+    new_backend = getattr(backends, "new_backend", None)
+    if new_backend is None:
+        pytest.skip("nydusfs.storage.backends.new_backend is not there yet")
+    from nydusfs.config import BackendConfig, LocalFsConfig
+
+    sup = image.load()
+    backend = new_backend(BackendConfig("localfs", LocalFsConfig(dir=str(image.blob_dir))), "t")
+
+    async def main() -> None:
+        config = make_config("blobcache", tmp_path, batch_size=1 << 20)
+        device = BlobDevice(sup.blobs, config, backend)
+        for name, data in image.files.items():
+            assert await device.read(descs_for(sup, name)) == data
+        count = backend.metrics.read_count
+        for name, data in image.files.items():
+            assert await device.read(descs_for(sup, name)) == data
+        assert backend.metrics.read_count == count
+        await device.close()
+
+    trio.run(main)
+    backend.close()

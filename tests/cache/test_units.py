@@ -1,0 +1,148 @@
+"""Unit tests: the chunk map file (upstream's persist_map.rs cases) and the merge rules."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from nydusfs.storage.cache.chunkmap import (
+    HEADER_SIZE,
+    MAGIC1,
+    MAGIC2,
+    MAGIC_ALL_READY,
+    IndexedChunkMap,
+    bit_mask,
+)
+from nydusfs.storage.cache.merge import (
+    FetchPlan,
+    amplify,
+    effective_batch_size,
+    merge_chunks,
+    split_by_size,
+)
+from nydusfs.storage.device import ChunkInfo
+from nydusfs.storage.meta import CiEntry
+from nydusfs.types import ChunkFlags
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def header(all_ready: int = 0, version: int = 1, magic2: int = MAGIC2) -> bytes:
+    return struct.pack("<IIII", MAGIC1, version, magic2, all_ready).ljust(HEADER_SIZE, b"\0")
+
+
+def test_new_map(tmp_path: Path) -> None:
+    path = tmp_path / "b.chunk_map"
+    m = IndexedChunkMap(str(path), 1)
+    assert path.stat().st_size == 0x1001
+    assert not m.is_ready(0) and not m.all_ready
+    assert m.set_ready(0)  # the last chunk
+    assert m.is_ready(0)
+    m.mark_all_ready()
+    m.close()
+    assert path.read_bytes() == header(MAGIC_ALL_READY) + b"\x80"
+
+
+def test_zero_filled_file_gets_a_header(tmp_path: Path) -> None:
+    # Upstream's race window: size set, header not yet written.
+    path = tmp_path / "b.chunk_map"
+    path.write_bytes(bytes(0x1001))
+    m = IndexedChunkMap(str(path), 1)
+    assert not m.is_ready(0)
+    m.close()
+    assert path.read_bytes()[:16] == header()[:16]
+
+
+def test_all_ready_header_and_counted_bits(tmp_path: Path) -> None:
+    path = tmp_path / "b.chunk_map"
+    path.write_bytes(header(MAGIC_ALL_READY) + b"\x00")
+    m = IndexedChunkMap(str(path), 1)
+    assert m.all_ready and m.is_ready(0)
+    m.close()
+    # Every bit set but no all_ready mark: counted at open, then marked (as upstream).
+    path.write_bytes(header() + b"\xff\xc0")
+    m = IndexedChunkMap(str(path), 10)
+    assert m.all_ready
+    m.close()
+    assert struct.unpack_from("<I", path.read_bytes(), 12)[0] == MAGIC_ALL_READY
+
+
+def test_v0_header_bits_are_used(tmp_path: Path) -> None:
+    path = tmp_path / "b.chunk_map"
+    path.write_bytes(header(version=0, magic2=0) + b"\x40")
+    m = IndexedChunkMap(str(path), 3)
+    assert [m.is_ready(i) for i in range(3)] == [False, True, False]
+    assert m.ready_count == 1
+    m.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\x00", header() + b"\xff\xff", b"junk".ljust(0x1001, b"\x01"), header(magic2=7) + b"\xff"],
+    ids=["short", "long", "bad-magic", "bad-magic2"],
+)
+def test_damaged_map_is_reset(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "b.chunk_map"
+    path.write_bytes(content)
+    m = IndexedChunkMap(str(path), 8)
+    assert m.ready_count == 0 and not any(m.is_ready(i) for i in range(8))
+    m.close()
+    assert path.read_bytes() == header() + b"\x00"
+
+
+def test_reset_and_clear(tmp_path: Path) -> None:
+    path = tmp_path / "b.chunk_map"
+    m = IndexedChunkMap(str(path), 9)
+    for i in range(9):
+        m.set_ready(i)
+    m.mark_all_ready()
+    m.clear_ready(8)
+    assert not m.all_ready and not m.is_ready(8) and m.is_ready(7)
+    m.close()
+    assert path.read_bytes() == header() + b"\xff\x00"
+    m = IndexedChunkMap(str(path), 9, reset=True)
+    assert m.ready_count == 0
+    with pytest.raises(IndexError):
+        m.is_ready(9)
+    m.close()
+
+
+def test_bit_mask_is_msb_first() -> None:
+    assert [bit_mask(i) for i in range(9)] == [0x80, 0x40, 0x20, 0x10, 8, 4, 2, 1, 0x80]
+
+
+def chunk(index: int, offset: int, size: int) -> ChunkInfo:
+    return ChunkInfo(bytes(32), 0, ChunkFlags(0), offset, size, index * 0x1000, size, 0, index)
+
+
+def test_merge_rules() -> None:
+    cs = [chunk(0, 0, 100), chunk(1, 100, 100), chunk(2, 200, 100), chunk(3, 400, 100)]
+    assert [[c.index for c in g] for g in merge_chunks(cs, 0, 0)] == [[0, 1, 2], [3]]
+    assert [[c.index for c in g] for g in merge_chunks(cs, 0, 100)] == [[0, 1, 2, 3]]
+    assert [[c.index for c in g] for g in merge_chunks(cs, 200, 100)] == [[0, 1], [2], [3]]
+    plan = FetchPlan.of(cs)
+    assert (plan.offset, plan.size) == (0, 500)
+    assert effective_batch_size(0) == 0
+    assert effective_batch_size(1) == 0x20000
+    assert effective_batch_size(1 << 20) == 1 << 20
+    assert [[c.index for c in g] for g in split_by_size(cs, 250)] == [[0, 1], [2], [3]]
+    assert [[c.index for c in g] for g in split_by_size(cs, 300)] == [[0, 1, 2], [3]]
+
+
+def test_amplify_stops_at_limits() -> None:
+    entries = [CiEntry(i * 0x10000, 0x10000, i * 0x10000, 0x10000) for i in range(8)]
+    entries[6].zran = True
+
+    def make(i: int, e: CiEntry) -> ChunkInfo:
+        return chunk(i, e.compressed_offset, e.compressed_size)
+
+    first = [make(1, entries[1])]
+    extra = amplify(first, entries, 0x40000, lambda i: True, make)
+    assert [c.index for c in extra] == [2, 3, 4]  # 4 chunks fit in 256 KiB
+    extra = amplify(first, entries, 1 << 20, lambda i: i != 4, make)
+    assert [c.index for c in extra] == [2, 3]  # chunk 4 is ready or in flight
+    extra = amplify(first, entries, 1 << 20, lambda i: True, make)
+    assert [c.index for c in extra] == [2, 3, 4, 5]  # chunk 6 is a zran chunk
+    assert amplify(first, entries, 0, lambda i: True, make) == []
