@@ -112,6 +112,7 @@ class Result:
     cpu_seconds: float = 0.0
     peak_rss_kib: int = 0
     error: str = ""
+    output: str = ""  # the child's stdout and stderr
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -144,12 +145,22 @@ def run_timed(
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result.cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     result.peak_rss_kib = usage.ru_maxrss
+    result.output = output.decode(errors="replace")
     if proc.returncode != 0:
-        tail = output.decode(errors="replace").strip().splitlines()[-5:]
+        tail = result.output.strip().splitlines()[-5:]
         result.error = f"exit {proc.returncode}: " + " | ".join(tail)
     else:
         result.out_bytes = du(outputs)
     return result
+
+
+def print_rows(cols: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A plain text table: a header, a rule, then the rows, columns left-aligned."""
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def print_table(
@@ -179,12 +190,8 @@ def print_table(
             ratio = r.seconds / base.seconds if base and base.ok and base.seconds else None
             row.append(f"{ratio:.2f}x" if ratio is not None else "-")
         rows.append(row)
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     print()
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    print_rows(cols, rows)
     print(
         f"\ninput: {input_bytes / 1e6:.1f} MB of regular files; MB/s = input / seconds; "
         f"cpu/wall = (user+sys)/wall over {nproc} core(s): above 1 means parallel work;\n"

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nydusfs import __version__
+from nydusfs.cli.common import add_log_args
 from nydusfs.errors import FormatError, NydusError, UnsupportedError
 from nydusfs.rafs.check import check_image, format_blob_features
 from nydusfs.rafs.inspect import ImageStat, InspectExit, Inspector, InspectUsageError
@@ -40,14 +41,7 @@ PROMPT = "Inspecting RAFS :> "
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-L", "--log-file", help="log file path")
-    p.add_argument(
-        "-l",
-        "--log-level",
-        default="info",
-        choices=["trace", "debug", "info", "warn", "error"],
-        help="log level",
-    )
+    add_log_args(p)
 
 
 def _add_bootstrap(p: argparse.ArgumentParser) -> None:

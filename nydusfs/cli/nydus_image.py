@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from nydusfs import __version__
 from nydusfs.cli import image_tools
+from nydusfs.cli.common import setup_logging
 from nydusfs.errors import NydusError
 from nydusfs.types import Compressor, Digester
 
@@ -160,24 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"create": cmd_create}
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    level = {"trace": logging.DEBUG, "warn": logging.WARNING}.get(
-        args.log_level, getattr(logging, str(args.log_level).upper(), logging.INFO)
-    )
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if getattr(args, "log_file", None):
-        path = args.log_file if os.path.splitext(args.log_file)[1] else args.log_file + ".log"
-        handlers = [logging.FileHandler(path)]
-    logging.basicConfig(
-        level=level, handlers=handlers, format="[%(asctime)s %(levelname)s] %(message)s"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not hasattr(args, "log_level"):
         args.log_level = "info"
-    _setup_logging(args)
+    setup_logging(args.log_level, getattr(args, "log_file", None))
     handler = COMMANDS.get(args.command) or image_tools.COMMANDS[args.command]
     try:
         return handler(args)

@@ -1,15 +1,178 @@
-"""``nydusd`` entry point: a placeholder until the real implementation lands."""
+"""``nydusd``: mount RAFS images on a FUSE mount point (upstream's flags and config files).
+
+``nydusd [fuse] --config C --bootstrap B --mountpoint M`` (the ``fuse`` subcommand and the
+top-level form are the same, as upstream). Parsing only: the daemon is ``nydusfs.daemon``.
+User errors print one ``nydusd: <message>`` line and exit 1 (2 for usage errors).
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+import resource
 import sys
+from collections.abc import Sequence
+
+import trio
+
+from nydusfs import __version__
+from nydusfs.cli.common import add_log_args, setup_logging
+from nydusfs.config import (
+    BackendConfig,
+    CacheConfig,
+    ConfigV2,
+    FileCacheConfig,
+    LocalFsConfig,
+    load_config_file,
+)
+from nydusfs.daemon.daemon import Daemon
+from nydusfs.daemon.fs_service import MountCmd
+from nydusfs.errors import ConfigError, NydusError
+
+log = logging.getLogger("nydusd")
+
+UNAVAILABLE_SUBCOMMANDS = ("virtiofs", "singleton", "nbd", "uffd")
 
 
-def main() -> None:
-    """Say that this command is not available yet and exit with status 2."""
-    print("nydusd: not implemented yet in this build", file=sys.stderr)
-    sys.exit(2)
+def _threads(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError("must be in 1..1024")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nydusd", description="Nydus image service: mount RAFS images over FUSE."
+    )
+    p.add_argument("-V", "--version", action="version", version=f"nydusd {__version__}")
+    p.add_argument("-A", "--apisock", help="HTTP API unix socket")
+    p.add_argument("-C", "--config", help="configuration file (JSON v1/v2 or TOML v2)")
+    p.add_argument("--id", help="service instance id (needs --supervisor)")
+    p.add_argument("--supervisor", help="supervisor socket (needs --id)")
+    p.add_argument("--upgrade", action="store_true", help="start in upgrade mode")
+    add_log_args(p)
+    p.add_argument("--log-rotation-size", type=int, default=0, help="MB, 0 = off")
+    p.add_argument("--rlimit-nofile", type=int, default=1_000_000, help="0 = unchanged")
+    p.add_argument("-B", "--bootstrap", help="RAFS metadata file")
+    p.add_argument("-D", "--localfs-dir", help="directory of blobs (localfs backend and cache)")
+    p.add_argument("-s", "--shared-dir", help="directory to share with passthroughfs")
+    p.add_argument("--prefetch-files", help="file listing paths to prefetch, one per line")
+    p.add_argument("-m", "--virtual-mountpoint", default="/", help="RAFS path inside the VFS")
+    p.add_argument("--dedup-db", help="SQLite CAS database for chunk dedup")
+    p.add_argument("-M", "--mountpoint", required=True, help="FUSE mount point")
+    p.add_argument("--failover-policy", default="resend", choices=["none", "resend", "flush"])
+    p.add_argument(
+        "--fuse-threads", "--thread-num", dest="threads", type=_threads, default=4,
+        help="FUSE worker tasks (1..1024)",
+    )  # fmt: skip
+    p.add_argument("--writable", action="store_true", help="mount FUSE read-write")
+    return p
+
+
+def localfs_config(blob_dir: str) -> ConfigV2:
+    """What upstream synthesises for ``--localfs-dir``: localfs blobs and a blob cache there."""
+    return ConfigV2(
+        backend=BackendConfig("localfs", LocalFsConfig(dir=blob_dir)),
+        cache=CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir=blob_dir)),
+    )
+
+
+def _refuse_unavailable(args: argparse.Namespace) -> None:
+    unavailable = {
+        "apisock": "the HTTP API (--apisock)",
+        "shared_dir": "passthroughfs (--shared-dir)",
+        "dedup_db": "the chunk dedup database (--dedup-db)",
+        "supervisor": "hot upgrade (--supervisor)",
+        "id": "hot upgrade (--id)",
+    }
+    for key, what in unavailable.items():
+        if getattr(args, key):
+            raise NydusError(f"{what} is not available in this build")
+    if args.upgrade:
+        raise NydusError("hot upgrade (--upgrade) is not available in this build")
+    if args.writable:
+        raise NydusError("--writable needs the overlay filesystem, not available in this build")
+
+
+def mount_commands(args: argparse.Namespace) -> list[MountCmd]:
+    if args.config and args.localfs_dir:
+        raise ConfigError("--localfs-dir conflicts with --config")
+    if args.prefetch_files and not args.bootstrap:
+        raise ConfigError("--prefetch-files requires --bootstrap")
+    if not args.bootstrap:
+        return []
+    if args.config:
+        config = load_config_file(args.config)
+    elif args.localfs_dir:
+        config = localfs_config(args.localfs_dir)
+    else:
+        config = ConfigV2()
+    files: list[str] = []
+    if args.prefetch_files:
+        try:
+            with open(args.prefetch_files) as f:
+                files = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise ConfigError(f"cannot read --prefetch-files {args.prefetch_files}: {e}") from e
+    return [MountCmd("rafs", args.bootstrap, config, args.virtual_mountpoint, files)]
+
+
+def _raise_nofile(limit: int) -> None:
+    """Upstream's ``--rlimit-nofile``: capped by fs.file-max - 16384 (and here fs.nr_open)."""
+    if limit <= 0:
+        return
+    for path, reserve in (("/proc/sys/fs/file-max", 16384), ("/proc/sys/fs/nr_open", 0)):
+        try:
+            with open(path) as f:
+                limit = min(limit, max(1024, int(f.read()) - reserve))
+        except (OSError, ValueError):
+            pass
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= limit:
+        return
+    for new_hard in (max(hard, limit), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, new_hard), new_hard))
+            return
+        except (ValueError, OSError):
+            continue
+    log.warning("cannot raise RLIMIT_NOFILE to %d (keeping %d)", limit, soft)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in UNAVAILABLE_SUBCOMMANDS:
+        print(f"nydusd: the {argv[0]} frontend is not available in this build", file=sys.stderr)
+        return 2
+    if argv and argv[0] == "fuse":
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_file)
+    try:
+        _refuse_unavailable(args)
+        commands = mount_commands(args)
+        _raise_nofile(args.rlimit_nofile)
+        daemon = Daemon(os.path.abspath(args.mountpoint), threads=args.threads)
+        trio.run(daemon.run, commands)
+    except BaseException as e:
+        leaf = _single(e)
+        if isinstance(leaf, NydusError | OSError | ValueError):
+            print(f"nydusd: {leaf}", file=sys.stderr)
+            return 1
+        if isinstance(leaf, KeyboardInterrupt):
+            return 130
+        raise
+    return 0
+
+
+def _single(error: BaseException) -> BaseException:
+    """The one error inside nested exception groups (trio wraps task errors in groups)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

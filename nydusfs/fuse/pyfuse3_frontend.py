@@ -329,7 +329,8 @@ async def serve(
 ) -> None:
     """Mount ``fs`` at ``mountpoint`` and serve it until cancelled; always unmounts.
 
-    ``task_status.started()`` is called once the kernel mount exists.
+    ``task_status.started()`` is called once the kernel mount exists. The caller owns ``fs``:
+    this calls ``fs.init()`` but not ``fs.destroy()``.
     """
     options = set(pyfuse3.default_options)
     options.add(f"fsname={fsname}")
@@ -345,4 +346,3 @@ async def serve(
         await pyfuse3.main(min_tasks=2, max_tasks=max_tasks)
     finally:
         pyfuse3.close(unmount=True)
-        await fs.destroy()

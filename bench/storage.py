@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+"""Storage benchmark: a cold read of an image's blob through the registry backend and the blob
+cache, side by side with ``curl`` fetching the same blob bytes from the same registry in the same
+run, plus the bytes fetched versus the bytes read for a partial (start-up-like) read.
+
+Setup (untimed): the generated tree (``_common.ensure_tree``) is built into a zstd RAFS v6 image
+(kept in ``<workdir>/storage-image`` and reused while the tree and the builder are unchanged),
+Debian's ``docker-registry`` is started on 127.0.0.1 with a private config and storage under the
+work dir, and the blob is pushed to it. The registry is stopped when the bench ends, however it
+ends (error, Ctrl-C, SIGTERM; ``PR_SET_PDEATHSIG`` covers a killed bench).
+
+Runs, all against that registry, each with an empty cache work dir:
+
+1. ``curl -o /dev/null`` of the whole blob, ``--curl-runs`` times: the peer.
+2. Every regular file of the image read through ``RafsFs.read`` in 1 MiB reads by N concurrent
+   readers (``--readers``; FUSE issues concurrent requests), ``rafs.batch_size`` 1 MiB.
+3. Blob-level prefetch (``cache.prefetch.enable``: ``prefetch_blobs`` then ``wait_prefetch``),
+   the closest analogue of curl's sequential whole-blob fetch.
+4. A partial read: ~``--partial-percent`` % of the files (seeded, stratified by size so that
+   small and large files are both in), read fully, with ``rafs.batch_size`` 1 MiB and 0.
+
+Throughput is blob bytes fetched from the backend per wall second, compared with curl's median.
+Memory is the peak RSS of this process during each run (``VmHWM``, reset before the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import trio
+from _common import REPO, ensure_tree, print_rows, run_timed
+
+from nydusfs.config import ConfigV2, load_config
+from nydusfs.rafs.builder.build import BuildOptions, build
+from nydusfs.rafs.fs import RafsFs
+from nydusfs.rafs.superblock import RafsSuper
+from nydusfs.storage.backends import new_backend
+from nydusfs.storage.blobdevice import BlobDevice
+from nydusfs.types import Compressor, Context
+from tests.helpers.registry_servers import DockerRegistry, have_registry
+
+REPO_NAME = "bench/storage"
+IO_SIZE = 1 << 20  # bytes per RafsFs.read, as a FUSE max_read of 1 MiB
+BATCH_SIZE = 1 << 20  # rafs.batch_size default (upstream amplify_io)
+CTX = Context(0, 0, 0)
+CURL_FORMAT = "%{size_download} %{time_total} %{http_code}\n"
+
+
+# --- process memory ----------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` (``/proc/self/clear_refs`` 5, Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_kib() -> int:
+    """``VmHWM`` of this process: its peak RSS since start or the last ``reset_peak_rss``."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_of(pid: int) -> float:
+    """User + system seconds of process ``pid`` (the registry), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Image:
+    bootstrap: Path
+    blob: Path
+    blob_id: str
+    blob_size: int
+
+
+def ensure_image(workdir: Path, src: Path) -> Image:
+    """The zstd image of ``src`` under ``workdir/storage-image``, built unless one from the same
+    tree (its ``tree.json``) and the same builder code is already there."""
+    out = workdir / "storage-image"
+    builder = sorted((REPO / "nydusfs" / "rafs" / "builder").glob("*.py"))
+    params = {
+        "tree": json.loads((workdir / "tree.json").read_text()),
+        "compressor": "zstd",
+        "builder": hashlib.sha256(b"".join(p.read_bytes() for p in builder)).hexdigest(),
+    }
+    stamp = out / "image.json"
+    if stamp.exists():
+        old = json.loads(stamp.read_text())
+        blob = Path(old.get("blob", ""))
+        if old.get("params") == params and (out / "image.boot").exists() and blob.exists():
+            return Image(out / "image.boot", blob, old["blob_id"], blob.stat().st_size)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "blobs").mkdir(parents=True)
+    print(f"bench: building the zstd image in {out} ...", flush=True)
+    started = time.perf_counter()
+    result = build(
+        BuildOptions(
+            source=str(src),
+            bootstrap=str(out / "image.boot"),
+            blob_dir=str(out / "blobs"),
+            compressor=Compressor.ZSTD,
+        )
+    )
+    if len(result.blobs) != 1:
+        raise SystemExit(f"bench: expected one blob, the build made {len(result.blobs)}")
+    blob = Path(result.blob_paths[0])
+    blob_id = result.blobs[0].blob_id
+    stamp.write_text(json.dumps({"params": params, "blob": str(blob), "blob_id": blob_id}))
+    print(f"bench: built in {time.perf_counter() - started:.1f}s", flush=True)
+    return Image(out / "image.boot", blob, blob_id, blob.stat().st_size)
+
+
+def push(registry: DockerRegistry, image: Image) -> None:
+    data = image.blob.read_bytes()
+    digest = registry.push_blob(REPO_NAME, data)
+    if digest != image.blob_id:
+        raise SystemExit(f"bench: blob id {image.blob_id} is not its sha256 ({digest})")
+
+
+# --- the workload --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileRef:
+    path: bytes
+    ino: int
+    size: int
+
+
+def regular_files(sup: RafsSuper) -> list[FileRef]:
+    """Every regular file of the image once (hard links once), in directory walk order."""
+    seen: set[int] = set()
+    out = []
+    for path, node in sup.walk():
+        if node.is_reg() and node.ino not in seen:
+            seen.add(node.ino)
+            out.append(FileRef(path, node.ino, node.size))
+    return out
+
+
+def partial_set(files: list[FileRef], percent: float, seed: int) -> list[FileRef]:
+    """``percent`` % of the non-empty files, drawn evenly from ten size bands (seeded), so the
+    set mixes tiny and large files; returned in walk order, like a start-up's file accesses."""
+    rng = random.Random(seed)
+    by_size = sorted((f for f in files if f.size), key=lambda f: f.size)
+    bands = 10
+    picked: set[int] = set()
+    for b in range(bands):
+        band = by_size[len(by_size) * b // bands : len(by_size) * (b + 1) // bands]
+        want = max(1, round(len(band) * percent / 100)) if band else 0
+        picked.update(f.ino for f in rng.sample(band, min(want, len(band))))
+    return [f for f in files if f.ino in picked]
+
+
+def needed_compressed(sup: RafsSuper, files: list[FileRef]) -> int:
+    """Compressed bytes of the distinct chunks behind ``files``: what an ideal fetch takes."""
+    chunks: dict[tuple[int, int], int] = {}
+    for f in files:
+        for c in sup.inode(f.ino).chunks():
+            chunks[(c.blob_index, c.index)] = c.compressed_size
+    return sum(chunks.values())
+
+
+async def read_files(
+    fs: RafsFs, files: list[FileRef], readers: int, crcs: dict[int, int] | None
+) -> int:
+    """Read ``files`` fully in ``IO_SIZE`` reads, ``readers`` at a time; returns bytes read.
+    With ``crcs``, records each file's CRC-32 (cheap enough not to matter at these sizes)."""
+    todo: Iterator[FileRef] = iter(files)  # shared: each reader takes the next file
+    delivered = 0
+
+    async def reader() -> None:
+        nonlocal delivered
+        for f in todo:
+            crc = 0
+            offset = 0
+            while offset < f.size:
+                data = await fs.read(CTX, f.ino, 0, offset, IO_SIZE)
+                if not data:
+                    raise RuntimeError(f"{f.path!r}: short read at {offset} of {f.size}")
+                if crcs is not None:
+                    crc = zlib.crc32(data, crc)
+                offset += len(data)
+            delivered += offset
+            if crcs is not None:
+                crcs[f.ino] = crc
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(readers):
+            nursery.start_soon(reader)
+    return delivered
+
+
+def source_crc(src: Path, path: bytes) -> int:
+    crc = 0
+    with open(os.fsencode(src) + path, "rb") as f:
+        while block := f.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    name: str
+    readers: int = 0
+    seconds: float = 0.0
+    fetched: int = 0  # blob bytes from the backend (curl: bytes downloaded)
+    requests: int = 0
+    delivered: int = 0  # file bytes returned by RafsFs.read
+    cpu_seconds: float = 0.0
+    server_cpu: float = 0.0  # the registry's
+    peak_rss_kib: int = 0
+    needed: int = 0  # partial runs: compressed bytes of the chunks the files need
+    error: str = ""
+
+    @property
+    def fetch_mbps(self) -> float:
+        return self.fetched / 1e6 / self.seconds if self.seconds else 0.0
+
+    @property
+    def deliver_mbps(self) -> float:
+        return self.delivered / 1e6 / self.seconds if self.seconds else 0.0
+
+
+def make_config(
+    registry: DockerRegistry, work_dir: Path, *, batch_size: int, prefetch: bool
+) -> ConfigV2:
+    doc = {
+        "version": 2,
+        "id": "bench-storage",
+        "backend": {
+            "type": "registry",
+            "registry": {"scheme": "http", "host": registry.host, "repo": REPO_NAME},
+        },
+        "cache": {
+            "type": "blobcache",
+            "filecache": {"work_dir": str(work_dir)},
+            "prefetch": {"enable": prefetch},
+        },
+        "rafs": {"batch_size": batch_size},
+    }
+    return load_config(json.dumps(doc))
+
+
+Workload = Callable[[RafsFs, BlobDevice], Awaitable[int]]
+
+
+class Bench:
+    def __init__(
+        self, registry: DockerRegistry, sup: RafsSuper, workdir: Path, profile_dir: Path | None
+    ) -> None:
+        self.registry = registry
+        self.sup = sup
+        self.workdir = workdir
+        self.profile_dir = profile_dir
+
+    def curl(self, url: str, index: int) -> Run:
+        run = Run("curl", readers=1)
+        reset_peak_rss()
+        server = cpu_of(self.registry.proc.pid)
+        cmd = ["curl", "-s", "-S", "--fail", "-o", "/dev/null", "-w", CURL_FORMAT, url]
+        result = run_timed("curl", "cold", cmd, [], dict(os.environ))
+        run.server_cpu = cpu_of(self.registry.proc.pid) - server
+        if not result.ok:
+            run.error = result.error
+            return run
+        size, seconds, status = result.output.split()[:3]
+        run.fetched = run.delivered = int(size)
+        run.seconds = float(seconds)  # curl's transfer time (not its process start-up)
+        run.requests = 1
+        run.cpu_seconds = result.cpu_seconds
+        # Not curl's: a child's ru_maxrss keeps the forking parent's high-water mark over exec.
+        run.peak_rss_kib = 0
+        if status not in ("200", "206"):
+            run.error = f"HTTP {status}"
+        print(f"bench: curl #{index + 1}: {run.fetch_mbps:.0f} MB/s", flush=True)
+        return run
+
+    def nydus(
+        self, name: str, work: Workload, *, readers: int, batch_size: int, prefetch: bool
+    ) -> Run:
+        """One measured run with a fresh cache work dir: backend + device + RafsFs, ``work``
+        timed from its first request to its last byte (setup and close are not timed)."""
+        run = Run(name, readers=readers)
+        cache_dir = Path(tempfile.mkdtemp(prefix="cache-", dir=self.workdir))
+        config = make_config(self.registry, cache_dir, batch_size=batch_size, prefetch=prefetch)
+        assert config.backend is not None
+        backend = new_backend(config.backend, "bench-storage")
+        profiler = cProfile.Profile() if self.profile_dir is not None else None
+        print(f"bench: {name} ...", flush=True)
+        try:
+            reset_peak_rss()
+            device = BlobDevice(self.sup.blobs, config, backend)
+            fs = RafsFs(self.sup, device)
+
+            async def main() -> None:
+                async with trio.open_nursery() as nursery:
+                    device.start(nursery)
+                    try:
+                        cpu, server = cpu_self(), cpu_of(self.registry.proc.pid)
+                        started = time.perf_counter()
+                        if profiler is not None:
+                            profiler.enable()
+                        run.delivered = await work(fs, device)
+                        if profiler is not None:
+                            profiler.disable()
+                        run.seconds = time.perf_counter() - started
+                        run.cpu_seconds = cpu_self() - cpu
+                        run.server_cpu = cpu_of(self.registry.proc.pid) - server
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await device.close()
+
+            trio.run(main)
+            run.peak_rss_kib = peak_rss_kib()
+            metrics = backend.metrics.to_dict()
+            run.fetched = metrics["read_amount_total"]
+            run.requests = metrics["read_count"]
+            if metrics["read_errors"]:
+                run.error = f"{metrics['read_errors']} backend read errors"
+        except Exception as e:  # one failed run must not hide the others' results
+            run.error = f"{type(e).__name__}: {e}"
+        finally:
+            backend.close()
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        if profiler is not None and self.profile_dir is not None:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            slug = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+            profiler.dump_stats(self.profile_dir / f"{slug}.pstats")
+        if run.error:
+            print(f"bench: {name} failed: {run.error}", flush=True)
+        return run
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def print_throughput(runs: list[Run], curl_median: float, curl_best: float) -> None:
+    cols = ["run", "readers", "seconds", "fetched MB", "fetch MB/s", "file MB/s", "requests"]
+    cols += ["cpu/wall", "registry cpu s", "peak RSS MB", "vs curl median", "vs curl best"]
+    rows = []
+    for r in runs:
+        if r.error:
+            rows.append([r.name, str(r.readers), "FAILED"] + [""] * (len(cols) - 3))
+            continue
+        rows.append([
+            r.name,
+            str(r.readers),
+            f"{r.seconds:.2f}",
+            mb(r.fetched),
+            f"{r.fetch_mbps:.0f}",
+            f"{r.deliver_mbps:.0f}" if r.name != "curl" else "-",
+            str(r.requests),
+            f"{r.cpu_seconds / r.seconds:.2f}" if r.seconds else "-",
+            f"{r.server_cpu:.2f}",
+            f"{r.peak_rss_kib / 1024:.0f}" if r.peak_rss_kib else "-",
+            ratio(r.fetch_mbps, curl_median),
+            ratio(r.fetch_mbps, curl_best),
+        ])  # fmt: skip
+    print()
+    print_rows(cols, rows)
+
+
+def print_partial(runs: list[Run]) -> None:
+    cols = ["run", "readers", "seconds", "read MB", "needed MB", "fetched MB", "requests"]
+    cols += ["fetched/read", "fetched/needed", "peak RSS MB"]
+    rows = []
+    for r in runs:
+        if r.error:
+            rows.append([r.name, str(r.readers), "FAILED"] + [""] * (len(cols) - 3))
+            continue
+        rows.append([
+            r.name,
+            str(r.readers),
+            f"{r.seconds:.2f}",
+            mb(r.delivered),
+            mb(r.needed),
+            mb(r.fetched),
+            str(r.requests),
+            ratio(r.fetched, r.delivered),
+            ratio(r.fetched, r.needed),
+            f"{r.peak_rss_kib / 1024:.0f}",
+        ])  # fmt: skip
+    print()
+    print_rows(cols, rows)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwind through the finally blocks that stop the registry
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=20_000, help="regular files in the tree")
+    ap.add_argument("--mbytes", type=int, default=500, help="MB (10^6) of file data")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/nydusfs-bench"))
+    ap.add_argument("--readers", default="1,8", help="comma list of concurrent reader counts")
+    ap.add_argument("--curl-runs", type=int, default=5)
+    ap.add_argument("--partial-percent", type=float, default=5.0)
+    ap.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="cProfile the trio thread of each nydusfs run into DIR/<run>.pstats",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
+    readers = [int(n) for n in args.readers.split(",") if n.strip()]
+    if not readers or min(readers) < 1:
+        ap.error("--readers: positive integers")
+    if not have_registry():
+        ap.error("docker-registry not found (apt-get install docker-registry, or `make deps`)")
+    if shutil.which("curl") is None:
+        ap.error("curl not found")
+
+    workdir: Path = args.workdir.resolve()
+    src, n_files, n_bytes = ensure_tree(
+        workdir, files=args.files, mbytes=args.mbytes, seed=args.seed
+    )
+    print(f"bench: tree {src}: {n_files} regular files, {n_bytes / 1e6:.1f} MB", flush=True)
+    image = ensure_image(workdir, src)
+    print(f"bench: blob {image.blob_id[:16]}…: {image.blob_size / 1e6:.1f} MB", flush=True)
+    sup = RafsSuper.load(image.bootstrap)
+    files = regular_files(sup)
+    partial = partial_set(files, args.partial_percent, args.seed)
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    reg_dir = Path(tempfile.mkdtemp(prefix="registry-", dir=workdir))
+    registry: DockerRegistry | None = None
+    try:
+        registry = DockerRegistry(reg_dir)
+        print(f"bench: docker-registry on {registry.host}; pushing the blob ...", flush=True)
+        push(registry, image)
+        bench = Bench(registry, sup, workdir, args.profile)
+        setup_peak = peak_rss_kib()  # build and in-memory push, before the first reset
+        url = f"{registry.url}/v2/{REPO_NAME}/blobs/sha256:{image.blob_id}"
+
+        curls = [bench.curl(url, i) for i in range(args.curl_runs)]
+        good = [c for c in curls if not c.error]
+        if not good:
+            raise SystemExit(f"bench: curl failed: {curls[0].error}")
+        speeds = sorted(c.fetch_mbps for c in good)
+        curl_median, curl_best = statistics.median(speeds), speeds[-1]
+        median_run = min(good, key=lambda c: abs(c.fetch_mbps - curl_median))
+        best_run = max(good, key=lambda c: c.fetch_mbps)
+        median_run.name, best_run.name = "curl (median)", "curl (best)"
+
+        async def whole(fs: RafsFs, device: BlobDevice, n: int) -> int:
+            return await read_files(fs, files, n, None)
+
+        async def blob_prefetch(fs: RafsFs, device: BlobDevice) -> int:
+            await device.prefetch_blobs()
+            await device.wait_prefetch()
+            return 0
+
+        throughput = [best_run, median_run] if best_run is not median_run else [best_run]
+        whole_file_bytes = sum(f.size for f in files)
+        for n in readers:
+            run = bench.nydus(
+                "read all files, batch 1M", lambda fs, d, n=n: whole(fs, d, n),
+                readers=n, batch_size=BATCH_SIZE, prefetch=False,
+            )  # fmt: skip
+            if not run.error and run.delivered != whole_file_bytes:
+                run.error = f"read {run.delivered} bytes of {whole_file_bytes}"
+            throughput.append(run)
+        throughput.append(bench.nydus(
+            "blob prefetch (8 workers)", blob_prefetch,
+            readers=0, batch_size=BATCH_SIZE, prefetch=True,
+        ))  # fmt: skip
+
+        partial_runs = []
+        part_readers = max(readers)
+        needed = needed_compressed(sup, partial)
+        for batch in (BATCH_SIZE, 0):
+            crcs: dict[int, int] = {}
+
+            async def part(fs: RafsFs, device: BlobDevice, crcs: dict[int, int] = crcs) -> int:
+                return await read_files(fs, partial, part_readers, crcs)
+
+            label = f"{args.partial_percent:g}% of files, batch {'1M' if batch else '0'}"
+            run = bench.nydus(label, part, readers=part_readers, batch_size=batch, prefetch=False)
+            run.needed = needed
+            bad = [f.path for f in partial if crcs.get(f.ino) != source_crc(src, f.path)]
+            if bad and not run.error:
+                run.error = f"{len(bad)} files differ from the source, first {bad[0]!r}"
+            partial_runs.append(run)
+    finally:
+        if registry is not None:
+            registry.close()
+        shutil.rmtree(reg_dir, ignore_errors=True)
+        sup.close()
+
+    print_throughput(throughput, curl_median, curl_best)
+    print(
+        f"\nblob: {image.blob_size / 1e6:.1f} MB ({whole_file_bytes / 1e6:.1f} MB of file data, "
+        f"{len(files)} files); curl: {len(good)} runs, "
+        f"median {curl_median:.0f} MB/s, best {curl_best:.0f} MB/s, "
+        f"all: {', '.join(f'{s:.0f}' for s in speeds)}\n"
+        "fetch MB/s = blob bytes from the backend (curl: downloaded) / wall seconds, from the "
+        "first request to the last byte;\nfile MB/s = file bytes returned by RafsFs.read / wall; "
+        "'vs curl' = fetch MB/s / curl's MB/s (target: at least 0.70x);\n"
+        "cpu/wall = this process's (user+sys)/wall (curl: curl's) over "
+        f"{os.cpu_count()} core(s), registry cpu s = the docker-registry's CPU seconds in the run;"
+        "\npeak RSS = VmHWM of the bench process during the run"
+    )
+    print_partial(partial_runs)
+    print(
+        f"\npartial: {len(partial)} of {len(files)} files ({args.partial_percent:g}%, seed "
+        f"{args.seed}, 10 size bands), each read fully by {part_readers} concurrent readers;\n"
+        "read MB = file bytes the application read; needed MB = compressed bytes of the chunks "
+        "those files use (the ideal fetch);\nfetched MB = bytes from the backend (chunk data, "
+        "plus the blob's chunk-info array when batch > 0); target: fetched/read at most "
+        "1.2x plus merging slack"
+    )
+    runs_peak = max(r.peak_rss_kib for r in throughput + partial_runs)
+    print(
+        f"\nprocess peak RSS: {runs_peak / 1024:.0f} MB over the measured runs; "
+        f"{setup_peak / 1024:.0f} MB during setup (image build, in-memory push of the blob)"
+    )
+    failed = [r for r in throughput + partial_runs if r.error]
+    for r in failed:
+        print(f"{r.name} failed: {r.error}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
