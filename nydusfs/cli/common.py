@@ -24,5 +24,5 @@ def setup_logging(level_name: str, log_file: str | None) -> None:
         path = log_file if os.path.splitext(log_file)[1] else log_file + ".log"
         handlers = [logging.FileHandler(path)]
     logging.basicConfig(
-        level=level, handlers=handlers, format="[%(asctime)s %(levelname)s] %(message)s", force=True
+        level=level, handlers=handlers, format="[%(asctime)s %(levelname)s] %(message)s"
     )
