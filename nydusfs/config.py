@@ -228,6 +228,17 @@ class ConfigV2:
         return out
 
 
+def localfs_config(blob_dir: str, work_dir: str | None = None) -> ConfigV2:
+    """What upstream synthesises for ``--localfs-dir``: blobs from a local directory through a
+    blob cache (``work_dir``, by default the same directory), uncompressed."""
+    return ConfigV2(
+        backend=BackendConfig("localfs", LocalFsConfig(dir=blob_dir)),
+        cache=CacheConfig(
+            type="blobcache", filecache=FileCacheConfig(work_dir=work_dir or blob_dir)
+        ),
+    )
+
+
 # --- loading -----------------------------------------------------------------------------------
 
 T = TypeVar("T")

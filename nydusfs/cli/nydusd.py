@@ -18,14 +18,7 @@ import trio
 
 from nydusfs import __version__
 from nydusfs.cli.common import add_log_args, setup_logging
-from nydusfs.config import (
-    BackendConfig,
-    CacheConfig,
-    ConfigV2,
-    FileCacheConfig,
-    LocalFsConfig,
-    load_config_file,
-)
+from nydusfs.config import ConfigV2, load_config_file, localfs_config
 from nydusfs.daemon.daemon import Daemon
 from nydusfs.daemon.fs_service import MountCmd
 from nydusfs.errors import ConfigError, NydusError
@@ -69,14 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--writable", action="store_true", help="mount FUSE read-write")
     return p
-
-
-def localfs_config(blob_dir: str) -> ConfigV2:
-    """What upstream synthesises for ``--localfs-dir``: localfs blobs and a blob cache there."""
-    return ConfigV2(
-        backend=BackendConfig("localfs", LocalFsConfig(dir=blob_dir)),
-        cache=CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir=blob_dir)),
-    )
 
 
 def _refuse_unavailable(args: argparse.Namespace) -> None:

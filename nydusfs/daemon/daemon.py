@@ -65,11 +65,14 @@ class Daemon:
         threads: int = 4,
         writable: bool = False,
         fsname: str = "nydusfs",
+        handle_signals: bool = True,
     ) -> None:
         self.mountpoint = mountpoint
         self.threads = threads
         self.writable = writable
         self.fsname = fsname
+        # Signal handlers can only be installed from the main thread (not when embedded).
+        self.handle_signals = handle_signals
         self.vfs = Vfs()
         self.service = FsService(self.vfs)
         self.state = DaemonState.INIT
@@ -91,7 +94,8 @@ class Daemon:
                 for cmd in mounts:
                     await self.service.mount(cmd)
                 self.state = DaemonState.READY
-                nursery.start_soon(self._watch_signals)
+                if self.handle_signals:
+                    nursery.start_soon(self._watch_signals)
                 await nursery.start(self._serve)
                 self.state = DaemonState.RUNNING
                 log.info("nydusd serving %s", self.mountpoint)

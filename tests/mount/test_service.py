@@ -1,0 +1,56 @@
+"""The embedding API: mount images in-process, several at once, added and removed live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nydusfs.config import localfs_config
+from nydusfs.daemon.daemon import DaemonState
+from nydusfs.errors import FormatError, NydusError
+from nydusfs.rafs.builder.build import BuildOptions, build
+from nydusfs.service import NydusService
+from tests.helpers.tree import diff_snapshots, snapshot
+from tests.mount.nydusd_proc import is_mounted
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+
+
+def _image(src: Path, out: Path) -> Path:
+    out.mkdir(parents=True)
+    build(BuildOptions(source=str(src), bootstrap=str(out / "b"), blob_dir=str(out)))
+    return out / "b"
+
+
+def test_embedded_daemon_with_two_images(small_tree: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "hello").write_bytes(b"hello\n")
+    boot_a = _image(small_tree, tmp_path / "a")
+    boot_b = _image(other, tmp_path / "b")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with NydusService(str(mnt)) as svc:
+        assert svc.state is DaemonState.RUNNING and os.listdir(mnt) == []
+        svc.mount(str(boot_a), "/a", blob_dir=str(tmp_path / "a"))
+        svc.mount(
+            str(boot_b), "/b", config=localfs_config(str(tmp_path / "b"), str(tmp_path / "cache"))
+        )
+        assert sorted(os.listdir(mnt)) == ["a", "b"]
+        assert (mnt / "b" / "hello").read_bytes() == b"hello\n"
+        diff = diff_snapshots(snapshot(small_tree), snapshot(mnt / "a"), ignore=("mtime", "xattrs"))
+        assert diff == []
+        with pytest.raises(FileExistsError):
+            svc.mount(str(boot_b), "/b", blob_dir=str(tmp_path / "b"))
+        with pytest.raises(FormatError):
+            svc.mount(str(tmp_path / "missing.boot"), "/c", blob_dir=str(tmp_path))
+        svc.umount("/a")
+        assert svc.mounts() == ["/b"]
+        assert (mnt / "b" / "hello").read_bytes() == b"hello\n"  # the other mount is untouched
+        with pytest.raises(FileNotFoundError):
+            svc.umount("/a")
+    assert not is_mounted(mnt)
+    with pytest.raises(NydusError):
+        svc.mount(str(boot_b), "/b", blob_dir=str(tmp_path / "b"))
