@@ -89,7 +89,8 @@ class NydusService:
         self.stop()
 
     # --- mounts -------------------------------------------------------------------------------
-    def _call(self, fn: Any, *args: Any) -> Any:
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run the coroutine function ``fn(*args)`` on the daemon's loop; return its result."""
         if self._token is None or self.daemon.state is not DaemonState.RUNNING:
             raise NydusError("the service is not running")
         return trio.from_thread.run(fn, *args, trio_token=self._token)
@@ -115,10 +116,10 @@ class NydusService:
                 raise NydusError("give a config or a blob_dir")
             config = localfs_config(blob_dir)
         cmd = MountCmd("rafs", bootstrap, config, path, list(prefetch_files))
-        self._call(self.daemon.service.mount, cmd)
+        self.call(self.daemon.service.mount, cmd)
 
     def umount(self, path: str) -> None:
-        self._call(self.daemon.service.umount, path)
+        self.call(self.daemon.service.umount, path)
 
     def mounts(self) -> list[str]:
         return sorted(self.daemon.service.mounts)

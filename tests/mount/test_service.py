@@ -54,3 +54,27 @@ def test_embedded_daemon_with_two_images(small_tree: Path, tmp_path: Path) -> No
     assert not is_mounted(mnt)
     with pytest.raises(NydusError):
         svc.mount(str(boot_b), "/b", blob_dir=str(tmp_path / "b"))
+
+
+def test_prefetch_files_fill_the_cache(small_tree: Path, tmp_path: Path) -> None:
+    boot = _image(small_tree, tmp_path / "img")
+    config = localfs_config(str(tmp_path / "img"), str(tmp_path / "cache"))
+    config.rafs.prefetch.enable = True
+    files = sorted(p for p in small_tree.rglob("*") if p.is_file() and not p.is_symlink())
+    wanted = [f"/{p.relative_to(small_tree)}" for p in files[:5]]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with NydusService(str(mnt)) as svc:
+        svc.mount(str(boot), "/img", config=config, prefetch_files=[*wanted, "/not/there"])
+        mounted = svc.daemon.service.mounts["/img"]
+        device = mounted.device
+        assert device is not None
+        svc.call(device.wait_prefetch)
+        expected = sum(p.stat().st_size for p in files[:5])
+        assert device.metrics.prefetch_data_amount >= expected > 0
+        fetched = device.backend.metrics.read_amount_total
+        for rel in wanted:  # already cached: no backend traffic
+            assert (mnt / "img" / rel.lstrip("/")).read_bytes() == (
+                small_tree / rel[1:]
+            ).read_bytes()
+        assert device.backend.metrics.read_amount_total == fetched
