@@ -125,3 +125,119 @@ class BlobcacheMetrics:
             out = {k: v for k, v in vars(self).items() if not k.startswith("_")}
             out["underlying_files"] = sorted(self.underlying_files)
             return out
+
+
+# --- filesystem I/O statistics (``/api/v1/metrics``, ``/metrics/files``, ``/metrics/pattern``) ---
+
+# Upstream's StatsFop order: the index of each operation in the fop arrays.
+FOPS = (
+    "getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
+    "opendir", "lookup", "readdir", "readdirplus", "access", "forget", "batch_forget",
+)  # fmt: skip
+FOP_INDEX = {name: i for i, name in enumerate(FOPS)}
+
+
+def latency_micros_index(micros: float) -> int:
+    """Buckets <=200us, <=1ms, <=20ms, <=50ms, <=500ms, <=1s, <=2s, >2s."""
+    for index, limit in enumerate((200, 1_000, 20_000, 50_000, 500_000, 1_000_000, 2_000_000)):
+        if micros <= limit:
+            return index
+    return 7
+
+
+@dataclass
+class InodeIoStats:
+    total_fops: int = 0
+    data_read: int = 0
+    block_count_read: list[int] = field(default_factory=lambda: [0] * SIZE_BUCKETS)
+    fop_hits: list[int] = field(default_factory=lambda: [0] * len(FOPS))
+    fop_errors: list[int] = field(default_factory=lambda: [0] * len(FOPS))
+
+
+@dataclass
+class AccessPattern:
+    ino: int
+    nr_read: int = 0
+    first_access_time_secs: int = 0
+    first_access_time_nanos: int = 0
+
+
+@dataclass
+class FsIoStats:
+    """Per-filesystem counters; per-file ones only when ``files_account_enabled``."""
+
+    id: str = ""
+    files_account_enabled: bool = False
+    access_pattern_enabled: bool = False
+    record_latest_read_files_enabled: bool = False
+    measure_latency: bool = True
+    nr_opens: int = 0
+    data_read: int = 0
+    block_count_read: list[int] = field(default_factory=lambda: [0] * SIZE_BUCKETS)
+    fop_hits: list[int] = field(default_factory=lambda: [0] * len(FOPS))
+    fop_errors: list[int] = field(default_factory=lambda: [0] * len(FOPS))
+    fop_cumulative_latency_total: list[int] = field(default_factory=lambda: [0] * len(FOPS))
+    read_latency_dist: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
+    files: dict[int, InodeIoStats] = field(default_factory=dict)
+    patterns: dict[int, AccessPattern] = field(default_factory=dict)
+    latest_read: set[int] = field(default_factory=set)
+
+    def record(self, fop: str, ino: int, *, ok: bool, micros: float, size: int = 0) -> None:
+        """One finished operation on ``ino`` (called on the event loop: no lock needed)."""
+        i = FOP_INDEX[fop]
+        if ok:
+            self.fop_hits[i] += 1
+        else:
+            self.fop_errors[i] += 1
+        if self.measure_latency:
+            self.fop_cumulative_latency_total[i] += int(micros)
+            if fop == "read":
+                self.read_latency_dist[latency_micros_index(micros)] += 1
+        if fop == "open" and ok:
+            self.nr_opens += 1
+        elif fop == "release":
+            self.nr_opens = max(0, self.nr_opens - 1)
+        if fop == "read" and ok:
+            self.data_read += size
+            self.block_count_read[request_size_index(size)] += 1
+        if self.files_account_enabled:
+            counters = self.files.setdefault(ino, InodeIoStats())
+            counters.total_fops += 1
+            if ok:
+                counters.fop_hits[i] += 1
+            else:
+                counters.fop_errors[i] += 1
+            if fop == "read" and ok:
+                counters.data_read += size
+                counters.block_count_read[request_size_index(size)] += 1
+        if fop == "read" and ok:
+            if self.access_pattern_enabled:
+                pattern = self.patterns.setdefault(ino, AccessPattern(ino))
+                if pattern.nr_read == 0:
+                    now = time.time_ns()
+                    pattern.first_access_time_secs = now // 1_000_000_000
+                    pattern.first_access_time_nanos = now % 1_000_000_000
+                pattern.nr_read += 1
+            if self.record_latest_read_files_enabled:
+                self.latest_read.add(ino)
+
+    def to_dict(self) -> dict[str, Any]:
+        skip = {"files", "patterns", "latest_read"}
+        return {k: v for k, v in vars(self).items() if k not in skip}
+
+    def files_dict(self) -> dict[str, Any]:
+        return {str(ino): vars(c) for ino, c in self.files.items()}
+
+    def pattern_list(self) -> list[dict[str, int]]:
+        return [vars(p) for p in self.patterns.values() if p.nr_read]
+
+    def take_latest_read(self) -> list[list[int]]:
+        """Inos read since the last call, as sorted ranges ``[start, end]`` or ``[ino]``."""
+        inos, self.latest_read = sorted(self.latest_read), set()
+        ranges: list[list[int]] = []
+        for ino in inos:
+            if ranges and ranges[-1][-1] == ino - 1:
+                ranges[-1] = [ranges[-1][0], ino]
+            else:
+                ranges.append([ino])
+        return ranges

@@ -21,6 +21,7 @@ import trio
 
 from nydusfs.config import ConfigV2
 from nydusfs.errors import ConfigError, NydusError
+from nydusfs.metrics import FsIoStats
 from nydusfs.rafs.fs import RafsFs
 from nydusfs.rafs.superblock import RafsSuper
 from nydusfs.storage.backends import new_backend
@@ -77,7 +78,14 @@ class FsService:
             raise FileExistsError(f"{cmd.mountpoint} is already mounted")
         sup, backend, device = await trio.to_thread.run_sync(_open_rafs, cmd)
         try:
-            fs = RafsFs(sup, device, enable_xattr=cmd.config.rafs.enable_xattr)
+            rafs = cmd.config.rafs
+            stats = FsIoStats(
+                id=cmd.mountpoint,
+                files_account_enabled=rafs.iostats_files,
+                access_pattern_enabled=rafs.access_pattern,
+                record_latest_read_files_enabled=rafs.latest_read_files,
+            )
+            fs = RafsFs(sup, device, enable_xattr=rafs.enable_xattr, stats=stats)
             index = self.vfs.mount(cmd.mountpoint, fs)
         except BaseException:
             await _close(sup, backend, device)

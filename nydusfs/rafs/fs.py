@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import bisect
 import errno
+import functools
 import itertools
 import os
 import stat
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar, cast
 
 from nydusfs.errors import BackendError, FormatError
 from nydusfs.filesystem import ROOT_INODE, FileSystem, OpenResult
+from nydusfs.metrics import FsIoStats
 from nydusfs.rafs.inode import RafsInode
 from nydusfs.rafs.superblock import EROFS_SUPER_MAGIC, RAFS_V5_MAGIC, RafsSuper
 from nydusfs.storage.device import BlobIoDesc, ChunkInfo
@@ -45,6 +48,34 @@ _DT = {
 }
 
 
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _recorded(fop: str) -> Callable[[F], F]:
+    """Count an operation in ``self.stats`` (upstream's FopRecorder): hits, errors, latency."""
+
+    def wrap(func: F) -> F:
+        @functools.wraps(func)
+        async def wrapper(self: RafsFs, ctx: Context, inode: int, *args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                result = await func(self, ctx, inode, *args)
+            except BaseException:
+                self.stats.record(fop, inode, ok=False, micros=_since(started))
+                raise
+            size = len(result) if fop == "read" else 0
+            self.stats.record(fop, inode, ok=True, micros=_since(started), size=size)
+            return result
+
+        return cast(F, wrapper)
+
+    return wrap
+
+
+def _since(started: float) -> float:
+    return (time.perf_counter() - started) * 1e6
+
+
 class DataDevice(Protocol):
     """What ``RafsFs`` needs of ``BlobDevice``."""
 
@@ -62,8 +93,10 @@ class RafsFs(FileSystem):
         enable_xattr: bool = False,
         attr_timeout: float = ATTR_TIMEOUT,
         entry_timeout: float = ATTR_TIMEOUT,
+        stats: FsIoStats | None = None,
     ) -> None:
         self.sup = sup
+        self.stats = stats if stats is not None else FsIoStats()
         self.device = device
         self.enable_xattr = enable_xattr
         self.attr_timeout = attr_timeout
@@ -113,6 +146,7 @@ class RafsFs(FileSystem):
         return Entry(attr.ino, attr, 0, self.entry_timeout, self.attr_timeout)
 
     # --- metadata -----------------------------------------------------------------------------
+    @_recorded("lookup")
     async def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         dir_inode = self._inode(parent)
         if not dir_inode.is_dir():
@@ -125,9 +159,11 @@ class RafsFs(FileSystem):
         except FormatError as e:
             raise OSError(errno.EIO, f"lookup in inode {parent}: {e}") from e
 
+    @_recorded("getattr")
     async def getattr(self, ctx: Context, inode: int, fh: int | None = None) -> Attr:
         return self._attr(self._inode(inode))
 
+    @_recorded("readlink")
     async def readlink(self, ctx: Context, inode: int) -> bytes:
         node = self._inode(inode)
         if not node.is_symlink():
@@ -137,6 +173,7 @@ class RafsFs(FileSystem):
         except FormatError as e:
             raise OSError(errno.EIO, str(e)) from e
 
+    @_recorded("access")
     async def access(self, ctx: Context, inode: int, mask: int) -> None:
         attr = self._attr(self._inode(inode))
         if mask & os.W_OK:
@@ -155,6 +192,7 @@ class RafsFs(FileSystem):
             if not allowed:
                 raise OSError(errno.EACCES, "permission denied")
 
+    @_recorded("statfs")
     async def statfs(self, ctx: Context, inode: int) -> StatVfs:
         return StatVfs(
             bsize=512,
@@ -170,6 +208,7 @@ class RafsFs(FileSystem):
         )
 
     # --- files --------------------------------------------------------------------------------
+    @_recorded("open")
     async def open(self, ctx: Context, inode: int, flags: int) -> OpenResult:
         node = self._inode(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
@@ -178,6 +217,7 @@ class RafsFs(FileSystem):
             raise OSError(errno.EISDIR, "is a directory")
         return OpenResult(next(self._handles), keep_cache=True)
 
+    @_recorded("release")
     async def release(self, ctx: Context, inode: int, fh: int) -> None:
         return None
 
@@ -223,6 +263,7 @@ class RafsFs(FileSystem):
             i += 1
         return out
 
+    @_recorded("read")
     async def read(self, ctx: Context, inode: int, fh: int, offset: int, size: int) -> bytes:
         node = self._inode(inode)
         if not node.is_reg():
@@ -256,6 +297,7 @@ class RafsFs(FileSystem):
         return bytes(out)
 
     # --- directories --------------------------------------------------------------------------
+    @_recorded("opendir")
     async def opendir(self, ctx: Context, inode: int) -> OpenResult:
         if not self._inode(inode).is_dir():
             raise OSError(errno.ENOTDIR, "not a directory")
@@ -277,6 +319,7 @@ class RafsFs(FileSystem):
     async def readdir(
         self, ctx: Context, inode: int, fh: int, offset: int
     ) -> AsyncIterator[DirEntry]:
+        self.stats.record("readdir", inode, ok=True, micros=0)
         entries = self._entries(inode)
         for index in range(offset, len(entries)):
             name, ino = entries[index]
@@ -287,6 +330,7 @@ class RafsFs(FileSystem):
     async def readdirplus(
         self, ctx: Context, inode: int, fh: int, offset: int
     ) -> AsyncIterator[tuple[DirEntry, Entry | None]]:
+        self.stats.record("readdirplus", inode, ok=True, micros=0)
         entries = self._entries(inode)
         for index in range(offset, len(entries)):
             name, ino = entries[index]
@@ -306,12 +350,14 @@ class RafsFs(FileSystem):
         except FormatError as e:
             raise OSError(errno.EIO, str(e)) from e
 
+    @_recorded("getxattr")
     async def getxattr(self, ctx: Context, inode: int, name: bytes) -> bytes:
         for key, value in self._xattrs(inode):
             if key == name:
                 return value
         raise OSError(errno.ENODATA, "no such attribute")
 
+    @_recorded("listxattr")
     async def listxattr(self, ctx: Context, inode: int) -> list[bytes]:
         return [key for key, _ in self._xattrs(inode)]
 

@@ -78,3 +78,29 @@ def test_prefetch_files_fill_the_cache(small_tree: Path, tmp_path: Path) -> None
                 small_tree / rel[1:]
             ).read_bytes()
         assert device.backend.metrics.read_amount_total == fetched
+
+
+def test_io_stats_and_access_patterns(small_tree: Path, tmp_path: Path) -> None:
+    boot = _image(small_tree, tmp_path / "img")
+    config = localfs_config(str(tmp_path / "img"))
+    config.rafs.iostats_files = config.rafs.access_pattern = config.rafs.latest_read_files = True
+    files = sorted(p for p in small_tree.rglob("*") if p.is_file() and not p.is_symlink())[:3]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with NydusService(str(mnt)) as svc:
+        svc.mount(str(boot), "/img", config=config)
+        stats = svc.daemon.service.mounts["/img"].fs.stats
+        total = 0
+        for p in files:
+            total += len((mnt / "img" / p.relative_to(small_tree)).read_bytes())
+        with pytest.raises(FileNotFoundError):
+            (mnt / "img" / "no-such-file").stat()
+        assert stats.data_read == total
+        assert stats.fop_hits[4] >= len(files)  # read
+        assert stats.fop_errors[9] >= 1  # the failed lookup
+        read_inos = {ino for ino, c in stats.files.items() if c.data_read}
+        assert len(read_inos) == len([p for p in files if p.stat().st_size])
+        assert {p["ino"] for p in stats.pattern_list()} == read_inos
+        latest = stats.take_latest_read()
+        assert sum(len(range(r[0], r[-1] + 1)) for r in latest) == len(read_inos)
+        assert stats.take_latest_read() == []  # cleared by reading it
