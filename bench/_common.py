@@ -11,9 +11,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -90,6 +91,52 @@ def drop_caches() -> bool:
     except OSError:
         return False
     return True
+
+
+def source_digest(paths: Sequence[Path]) -> str:
+    """sha256 over the ``*.py`` files of ``paths`` (files or directories, recursively): a
+    reused output is rebuilt when the code that made it changes."""
+    h = hashlib.sha256()
+    for path in paths:
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()
+
+
+def tool_version(argv: Sequence[str]) -> str:
+    """The first output line of ``argv`` (e.g. ``["mksquashfs", "-version"]``), for stamps."""
+    out = subprocess.run(list(argv), capture_output=True, text=True)
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def reuse_or_build(out: Path, params: dict[str, Any], build: Callable[[Path], None]) -> bool:
+    """Run ``build(out)`` into an emptied ``out`` unless ``out/stamp.json`` records the same
+    ``params`` (a finished earlier build). Returns True when it built."""
+    stamp = out / "stamp.json"
+    if stamp.exists():
+        try:
+            if json.loads(stamp.read_text()).get("params") == params:
+                return False
+        except ValueError:
+            pass
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    build(out)
+    stamp.write_text(json.dumps({"params": params}))  # last: an interrupted build is redone
+    return True
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (``VmHWM``, ``VmRSS``); 0 when unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def du(paths: Sequence[Path]) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import hashlib
 import json
 import os
 import random
@@ -47,7 +46,15 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio
-from _common import REPO, ensure_tree, print_rows, run_timed
+from _common import (
+    REPO,
+    ensure_tree,
+    print_rows,
+    proc_status_kib,
+    reuse_or_build,
+    run_timed,
+    source_digest,
+)
 
 from nydusfs.config import ConfigV2, load_config
 from nydusfs.rafs.builder.build import BuildOptions, build
@@ -79,12 +86,10 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_kib() -> int:
-    """``VmHWM`` of this process: its peak RSS since start or the last ``reset_peak_rss``."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's peak RSS since start or the last ``reset_peak_rss``."""
+    return proc_status_kib(os.getpid(), "VmHWM") or resource.getrusage(
+        resource.RUSAGE_SELF
+    ).ru_maxrss
 
 
 def cpu_self() -> float:
@@ -115,39 +120,35 @@ class Image:
 
 def ensure_image(workdir: Path, src: Path) -> Image:
     """The zstd image of ``src`` under ``workdir/storage-image``, built unless one from the same
-    tree (its ``tree.json``) and the same builder code is already there."""
+    tree (its ``tree.json``) and the same builder and format code is already there."""
     out = workdir / "storage-image"
-    builder = sorted((REPO / "nydusfs" / "rafs" / "builder").glob("*.py"))
+    code = [REPO / "nydusfs" / "rafs" / d for d in ("builder", "layout")]
+    code += [REPO / "nydusfs" / "storage" / f for f in ("compress.py", "meta.py")]
     params = {
         "tree": json.loads((workdir / "tree.json").read_text()),
         "compressor": "zstd",
-        "builder": hashlib.sha256(b"".join(p.read_bytes() for p in builder)).hexdigest(),
+        "code": source_digest(code),
     }
-    stamp = out / "image.json"
-    if stamp.exists():
-        old = json.loads(stamp.read_text())
-        blob = Path(old.get("blob", ""))
-        if old.get("params") == params and (out / "image.boot").exists() and blob.exists():
-            return Image(out / "image.boot", blob, old["blob_id"], blob.stat().st_size)
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "blobs").mkdir(parents=True)
-    print(f"bench: building the zstd image in {out} ...", flush=True)
-    started = time.perf_counter()
-    result = build(
-        BuildOptions(
-            source=str(src),
-            bootstrap=str(out / "image.boot"),
-            blob_dir=str(out / "blobs"),
-            compressor=Compressor.ZSTD,
+
+    def make(out: Path) -> None:
+        (out / "blobs").mkdir()
+        print(f"bench: building the zstd image in {out} ...", flush=True)
+        started = time.perf_counter()
+        result = build(
+            BuildOptions(
+                source=str(src),
+                bootstrap=str(out / "image.boot"),
+                blob_dir=str(out / "blobs"),
+                compressor=Compressor.ZSTD,
+            )
         )
-    )
-    if len(result.blobs) != 1:
-        raise SystemExit(f"bench: expected one blob, the build made {len(result.blobs)}")
-    blob = Path(result.blob_paths[0])
-    blob_id = result.blobs[0].blob_id
-    stamp.write_text(json.dumps({"params": params, "blob": str(blob), "blob_id": blob_id}))
-    print(f"bench: built in {time.perf_counter() - started:.1f}s", flush=True)
-    return Image(out / "image.boot", blob, blob_id, blob.stat().st_size)
+        if len(result.blobs) != 1:
+            raise SystemExit(f"bench: expected one blob, the build made {len(result.blobs)}")
+        print(f"bench: built in {time.perf_counter() - started:.1f}s", flush=True)
+
+    reuse_or_build(out, params, make)
+    (blob,) = (out / "blobs").iterdir()  # named by its id (the sha256 of its bytes)
+    return Image(out / "image.boot", blob, blob.name, blob.stat().st_size)
 
 
 def push(registry: DockerRegistry, image: Image) -> None:
@@ -266,7 +267,12 @@ class Run:
 
 
 def make_config(
-    registry: DockerRegistry, work_dir: Path, *, batch_size: int, prefetch: bool
+    registry: DockerRegistry,
+    work_dir: Path,
+    *,
+    batch_size: int,
+    prefetch: bool,
+    prefetch_batch: int = BATCH_SIZE,
 ) -> ConfigV2:
     doc = {
         "version": 2,
@@ -278,7 +284,7 @@ def make_config(
         "cache": {
             "type": "blobcache",
             "filecache": {"work_dir": str(work_dir)},
-            "prefetch": {"enable": prefetch},
+            "prefetch": {"enable": prefetch, "batch_size": prefetch_batch},
         },
         "rafs": {"batch_size": batch_size},
     }
@@ -297,36 +303,58 @@ class Bench:
         self.workdir = workdir
         self.profile_dir = profile_dir
 
-    def curl(self, url: str, index: int) -> Run:
-        run = Run("curl", readers=1)
-        reset_peak_rss()
+    def curl(self, name: str, url: str, size: int, range_size: int = 0) -> Run:
+        """``curl`` of the blob to /dev/null: one GET, or (``range_size``) sequential ranged
+        GETs of ``range_size`` bytes over one connection (``--next``), as a cache would ask."""
+        run = Run(name, readers=1)
+        ranges = [(o, min(o + range_size, size) - 1) for o in range(0, size, range_size or size)]
+        conf = self.workdir / "curl-ranges.conf"
+        lines = []
+        for i, (first, last) in enumerate(ranges):
+            lines += ["next"] if i else []
+            lines += [f'url = "{url}"', 'output = "/dev/null"', f'write-out = "{CURL_FORMAT}"']
+            lines += [f'range = "{first}-{last}"'] if range_size else []
+        conf.write_text("\n".join(lines) + "\n")
         server = cpu_of(self.registry.proc.pid)
-        cmd = ["curl", "-s", "-S", "--fail", "-o", "/dev/null", "-w", CURL_FORMAT, url]
-        result = run_timed("curl", "cold", cmd, [], dict(os.environ))
+        result = run_timed(name, "cold", ["curl", "-s", "-S", "--fail", "-K", str(conf)], [],
+                           dict(os.environ))  # fmt: skip
         run.server_cpu = cpu_of(self.registry.proc.pid) - server
+        conf.unlink(missing_ok=True)
         if not result.ok:
             run.error = result.error
             return run
-        size, seconds, status = result.output.split()[:3]
-        run.fetched = run.delivered = int(size)
-        run.seconds = float(seconds)  # curl's transfer time (not its process start-up)
-        run.requests = 1
+        answers = [line.split() for line in result.output.splitlines() if line.strip()]
+        run.fetched = run.delivered = sum(int(a[0]) for a in answers)
+        # One GET: curl's own transfer time; several: the process's wall time (all of them).
+        run.seconds = float(answers[0][1]) if len(answers) == 1 else result.seconds
+        run.requests = len(answers)
         run.cpu_seconds = result.cpu_seconds
         # Not curl's: a child's ru_maxrss keeps the forking parent's high-water mark over exec.
         run.peak_rss_kib = 0
-        if status not in ("200", "206"):
-            run.error = f"HTTP {status}"
-        print(f"bench: curl #{index + 1}: {run.fetch_mbps:.0f} MB/s", flush=True)
+        bad = [a[2] for a in answers if a[2] not in ("200", "206")]
+        if bad or run.fetched != size:
+            run.error = f"HTTP {bad[0]}" if bad else f"fetched {run.fetched} of {size} bytes"
+        print(f"bench: {name}: {run.fetch_mbps:.0f} MB/s", flush=True)
         return run
 
     def nydus(
-        self, name: str, work: Workload, *, readers: int, batch_size: int, prefetch: bool
+        self,
+        name: str,
+        work: Workload,
+        *,
+        readers: int,
+        batch_size: int,
+        prefetch: bool,
+        prefetch_batch: int = BATCH_SIZE,
     ) -> Run:
         """One measured run with a fresh cache work dir: backend + device + RafsFs, ``work``
         timed from its first request to its last byte (setup and close are not timed)."""
         run = Run(name, readers=readers)
         cache_dir = Path(tempfile.mkdtemp(prefix="cache-", dir=self.workdir))
-        config = make_config(self.registry, cache_dir, batch_size=batch_size, prefetch=prefetch)
+        config = make_config(
+            self.registry, cache_dir,
+            batch_size=batch_size, prefetch=prefetch, prefetch_batch=prefetch_batch,
+        )  # fmt: skip
         assert config.backend is not None
         backend = new_backend(config.backend, "bench-storage")
         profiler = cProfile.Profile() if self.profile_dir is not None else None
