@@ -221,8 +221,14 @@ class ConfigV2:
         for key in ("filecache", "fscache"):
             if cache[key] is None:
                 del cache[key]
+        if not secrets and cache.get("filecache"):
+            cache["filecache"].pop("encryption_key", None)  # upstream leaks it; we do not
+        rafs = dataclasses.asdict(self.rafs)
+        # The v2 key of the prefetch thread count is "threads" (upstream's serde rename).
+        for prefetch in (cache["prefetch"], rafs["prefetch"]):
+            prefetch["threads"] = prefetch.pop("threads_count")
         out["cache"] = cache
-        out["rafs"] = dataclasses.asdict(self.rafs)
+        out["rafs"] = rafs
         if self.overlay is not None:
             out["overlay"] = dataclasses.asdict(self.overlay)
         return out

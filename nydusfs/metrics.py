@@ -1,12 +1,17 @@
-"""Counters behind upstream's metrics endpoints (``/api/v1/metrics/backend``, ``/blobcache``).
+"""Counters behind upstream's metrics endpoints (``/api/v1/metrics/backend``, ``/blobcache``,
+``/metrics``, ``/metrics/inflight``) and the error events of ``/api/v1/daemon/events``.
 
 Field names and bucket boundaries are upstream's (``utils/src/metrics.rs``) so existing
-dashboards and scripts read our JSON unchanged. Counters are updated from worker threads and
-the event loop alike; a lock keeps each multi-field update consistent.
+dashboards and scripts read our JSON unchanged. Backend and blob cache counters are updated
+from worker threads and the event loop alike; a lock keeps each multi-field update consistent.
+``FsIoStats`` and ``InflightTracker`` live on the event loop; ``ErrorHolder`` takes any thread.
 """
 
 from __future__ import annotations
 
+import collections
+import email.utils
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -241,3 +246,124 @@ class FsIoStats:
             else:
                 ranges.append([ino])
         return ranges
+
+
+# --- in-flight FUSE requests (``/api/v1/metrics/inflight``) ----------------------------------
+
+# Kernel FUSE opcodes (include/uapi/linux/fuse.h), reported as numbers as upstream does.
+FUSE_OPCODES = {
+    "lookup": 1, "forget": 2, "getattr": 3, "setattr": 4, "readlink": 5, "symlink": 6,
+    "mknod": 8, "mkdir": 9, "unlink": 10, "rmdir": 11, "rename": 12, "link": 13, "open": 14,
+    "read": 15, "write": 16, "statfs": 17, "release": 18, "fsync": 20, "setxattr": 21,
+    "getxattr": 22, "listxattr": 23, "removexattr": 24, "flush": 25, "init": 26, "opendir": 27,
+    "readdir": 28, "releasedir": 29, "fsyncdir": 30, "access": 34, "create": 35, "destroy": 38,
+    "batch_forget": 42, "readdirplus": 44,
+}  # fmt: skip
+
+
+@dataclass(slots=True)
+class InflightOp:
+    inode: int
+    opcode: str
+    started: float  # time.time()
+
+
+class InflightTracker:
+    """Requests a frontend is serving now: ``unique -> (inode, opcode, start)``.
+
+    Upstream answers ``/metrics/inflight`` from the FUSE server's per-thread request slots; here
+    the frontend calls ``begin``/``end`` around each request. ``unique`` is our own serial
+    number (pyfuse3 does not expose the kernel's). Used on the event loop only.
+    """
+
+    def __init__(self) -> None:
+        self._ops: dict[int, InflightOp] = {}
+        self._serial = 0
+
+    def begin(self, inode: int, opcode: str) -> int:
+        self._serial += 1
+        self._ops[self._serial] = InflightOp(inode, opcode, time.time())
+        return self._serial
+
+    def end(self, unique: int) -> None:
+        self._ops.pop(unique, None)
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """Upstream's ``[{inode, opcode, unique, timestamp_secs}]``, oldest first, plus the
+        opcode's name (``opcode_name``) and the age in seconds (``elapsed_secs``)."""
+        now = time.time()
+        return [
+            {
+                "inode": op.inode,
+                "opcode": FUSE_OPCODES.get(op.opcode, 0),
+                "unique": unique,
+                "timestamp_secs": int(op.started),
+                "opcode_name": op.opcode,
+                "elapsed_secs": round(max(0.0, now - op.started), 6),
+            }
+            for unique, op in sorted(self._ops.items())
+        ]
+
+
+# --- error events (``/api/v1/daemon/events``) ---------------------------------------------------
+
+MAX_ERRORS = 500
+MAX_ERRORS_SIZE = 51200
+
+
+class ErrorHolder:
+    """Upstream's ``ERROR_HOLDER``: the latest error messages, at most ``max_errors`` of them
+    and ``max_size`` bytes in all; the oldest go first. Each entry is ``"<HTTP date> - <msg>"``.
+
+    Upstream drops a message larger than the whole buffer; we keep its head instead, so the
+    newest error is always visible. Thread-safe (errors are logged from worker threads too).
+    """
+
+    def __init__(self, max_errors: int = MAX_ERRORS, max_size: int = MAX_ERRORS_SIZE) -> None:
+        self.max_errors = max_errors
+        self.max_size = max_size
+        self.total_size = 0
+        self._errors: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+
+    def push(self, message: str) -> None:
+        entry = f"{email.utils.formatdate(usegmt=True)} - {message}"
+        if len(entry) > self.max_size:
+            entry = entry[: self.max_size]
+        with self._lock:
+            while self._errors and (
+                len(self._errors) >= self.max_errors or self.total_size + len(entry) > self.max_size
+            ):
+                self.total_size -= len(self._errors.popleft())
+            self._errors.append(entry)
+            self.total_size += len(entry)
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "max_errors": self.max_errors,
+                "total_errors": len(self._errors),
+                "max_size": self.max_size,
+                "total_size": self.total_size,
+                "errors": list(self._errors),
+            }
+
+
+class ErrorLogHandler(logging.Handler):
+    """Feeds ERROR (and worse) log records into an ``ErrorHolder``."""
+
+    def __init__(self, holder: ErrorHolder) -> None:
+        super().__init__(logging.ERROR)
+        self.holder = holder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                message = f"{message}: {record.exc_info[1]!r}"
+            self.holder.push(f"{record.name}: {message}")
+        except Exception:  # a logging handler must never raise into the code that logged
+            self.handleError(record)

@@ -13,6 +13,9 @@ point; the calling thread mounts and unmounts images on it::
 
 Every method is thread-safe and blocks until the daemon has done the work; errors raised in
 the daemon (``ConfigError``, ``FormatError``, ``OSError``...) are raised in the caller.
+
+``NydusService(mountpoint, api_socket=PATH)`` also serves nydusd's HTTP API on ``PATH``, so
+``nydusctl`` and other API clients can manage the embedded daemon too.
 """
 
 from __future__ import annotations
@@ -36,8 +39,13 @@ STARTUP_TIMEOUT = 30.0
 class NydusService:
     """A daemon serving ``mountpoint`` from a background thread of this process."""
 
-    def __init__(self, mountpoint: str, *, threads: int = 4) -> None:
-        self.daemon = Daemon(os.path.abspath(mountpoint), threads=threads, handle_signals=False)
+    def __init__(self, mountpoint: str, *, threads: int = 4, api_socket: str | None = None) -> None:
+        self.daemon = Daemon(
+            os.path.abspath(mountpoint),
+            threads=threads,
+            handle_signals=False,
+            api_socket=os.path.abspath(api_socket) if api_socket else None,
+        )
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._started = threading.Event()

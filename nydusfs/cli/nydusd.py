@@ -1,7 +1,9 @@
 """``nydusd``: mount RAFS images on a FUSE mount point (upstream's flags and config files).
 
 ``nydusd [fuse] --config C --bootstrap B --mountpoint M`` (the ``fuse`` subcommand and the
-top-level form are the same, as upstream). Parsing only: the daemon is ``nydusfs.daemon``.
+top-level form are the same, as upstream). With ``--apisock S`` the daemon serves the HTTP API
+on ``S``; without ``--bootstrap`` it then starts with an empty root and images are mounted
+through the API (``POST /api/v1/mount``). Parsing only: the daemon is ``nydusfs.daemon``.
 User errors print one ``nydusd: <message>`` line and exit 1 (2 for usage errors).
 """
 
@@ -66,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _refuse_unavailable(args: argparse.Namespace) -> None:
     unavailable = {
-        "apisock": "the HTTP API (--apisock)",
         "shared_dir": "passthroughfs (--shared-dir)",
         "dedup_db": "the chunk dedup database (--dedup-db)",
         "supervisor": "hot upgrade (--supervisor)",
@@ -139,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _refuse_unavailable(args)
         commands = mount_commands(args)
         _raise_nofile(args.rlimit_nofile)
-        daemon = Daemon(os.path.abspath(args.mountpoint), threads=args.threads)
+        apisock = os.path.abspath(args.apisock) if args.apisock else None
+        daemon = Daemon(os.path.abspath(args.mountpoint), threads=args.threads, api_socket=apisock)
         trio.run(daemon.run, commands)
     except BaseException as e:
         leaf = _single(e)

@@ -1,12 +1,18 @@
 """``Daemon``: one nydusd process: a VFS served on a FUSE mount, its mounts and its lifecycle.
 
 State machine (upstream's names): ``INIT`` until the initial filesystems are mounted, ``READY``
-once they are, ``RUNNING`` while the frontend serves requests, ``STOPPED`` after shutdown.
-SIGINT and SIGTERM stop serving; the FUSE mount is always removed and every filesystem's
-resources released, whether the daemon stops on a signal, on an error or on request.
+once they are, ``RUNNING`` while the frontend serves requests, ``STOPPED`` after shutdown (or
+from the moment ``PUT /api/v1/daemon/exit`` is accepted). SIGINT and SIGTERM stop serving; the
+FUSE mount is always removed and every filesystem's resources released, whether the daemon
+stops on a signal, on an error or on request.
 
-Concurrency: everything runs in one ``trio.run``; the frontend's request workers, the signal
-watcher and prefetch workers are tasks of the daemon's nursery.
+With ``api_socket`` the daemon serves the HTTP API (``nydusfs.api``) on that unix socket from
+before the initial mounts until it stops; without initial mounts it serves an empty pseudo root
+and waits for ``POST /api/v1/mount``. ERROR log records are kept for ``/daemon/events`` and
+the frontend's requests are tracked for ``/metrics/inflight``.
+
+Concurrency: everything runs in one ``trio.run``; the frontend's request workers, the API
+connections, the signal watcher and prefetch workers are tasks of the daemon's nursery.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import trio
 
 from nydusfs.daemon.fs_service import FsService, MountCmd
 from nydusfs.errors import NydusError
+from nydusfs.metrics import ErrorHolder, ErrorLogHandler, InflightTracker
 from nydusfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,9 @@ class Daemon:
         writable: bool = False,
         fsname: str = "nydusfs",
         handle_signals: bool = True,
+        api_socket: str | None = None,
+        id: str | None = None,
+        supervisor: str | None = None,
     ) -> None:
         self.mountpoint = mountpoint
         self.threads = threads
@@ -73,9 +83,14 @@ class Daemon:
         self.fsname = fsname
         # Signal handlers can only be installed from the main thread (not when embedded).
         self.handle_signals = handle_signals
+        self.api_socket = api_socket
+        self.id = id
+        self.supervisor = supervisor
         self.vfs = Vfs()
         self.service = FsService(self.vfs)
         self.state = DaemonState.INIT
+        self.inflight = InflightTracker()
+        self.events = ErrorHolder()
         self._cancel: trio.CancelScope | None = None
 
     def stop(self) -> None:
@@ -83,14 +98,23 @@ class Daemon:
         if self._cancel is not None:
             self._cancel.cancel()
 
+    def request_exit(self) -> None:
+        """Upstream's ``trigger_exit``: the state machine goes to STOPPED now; the caller then
+        calls ``stop`` (the API does so once its reply is sent)."""
+        self.state = DaemonState.STOPPED
+
     async def run(
         self, mounts: Sequence[MountCmd] = (), *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
         clear_stale_mount(self.mountpoint)
+        errors = ErrorLogHandler(self.events)
+        logging.getLogger().addHandler(errors)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 self.service.attach(nursery)
+                if self.api_socket is not None:
+                    await nursery.start(self._serve_api)
                 for cmd in mounts:
                     await self.service.mount(cmd)
                 self.state = DaemonState.READY
@@ -101,14 +125,17 @@ class Daemon:
                 log.info("nydusd serving %s", self.mountpoint)
                 task_status.started()
         finally:
+            self.state = DaemonState.STOPPED
             with trio.CancelScope(shield=True):
                 await self.service.umount_all()
-            self.state = DaemonState.STOPPED
+            logging.getLogger().removeHandler(errors)
             log.info("nydusd stopped")
 
     async def _serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        from nydusfs.fuse.pyfuse3_frontend import serve
+        from nydusfs.fuse.pyfuse3_frontend import KernelNotifier, serve
 
+        notifier = KernelNotifier()
+        self.service.invalidate = notifier.invalidate
         try:
             await serve(
                 self.vfs,
@@ -116,11 +143,22 @@ class Daemon:
                 fsname=self.fsname,
                 read_only=not self.writable,
                 max_tasks=self.threads,
+                inflight=self.inflight,
+                notifier=notifier,
                 task_status=task_status,
             )
         finally:
+            self.service.invalidate = None
             # The kernel mount is gone (unmounted from outside, or we are stopping): so are we.
             self.stop()
+
+    async def _serve_api(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from nydusfs.api.routes import ApiRoutes
+        from nydusfs.api.server import ApiServer
+
+        assert self.api_socket is not None
+        server = ApiServer(self.api_socket, ApiRoutes(self))
+        await server.serve(task_status=task_status)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

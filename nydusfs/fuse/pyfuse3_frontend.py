@@ -6,9 +6,14 @@ own handles and remembers which inode and inner handle each stands for. ``OSErro
 filesystem becomes ``FUSEError(errno)``; any other exception is logged with its traceback and
 answered EIO, and serving goes on.
 
+Every request is recorded in an ``InflightTracker`` while it runs (``/api/v1/metrics/inflight``,
+upstream's hang detection). ``KernelNotifier`` drops entries from the kernel's dentry cache when
+the VFS changes under a live session (umount, remount).
+
 Runs inside ``trio`` (pyfuse3's main loop is trio-based), so filesystem coroutines run on the
 same loop as the FUSE request workers; pyfuse3 starts up to ``max_tasks`` workers, which is
-our request concurrency.
+our request concurrency. Kernel notifications block (the kernel may wait for requests we are
+serving), so they run in a worker thread, and the session is not closed under them.
 """
 
 from __future__ import annotations
@@ -35,27 +40,44 @@ from nydusfs.filesystem import (
     FileSystem,
     OpenResult,
 )
+from nydusfs.fuse.bdi import set_readahead
+from nydusfs.metrics import InflightTracker
 from nydusfs.types import Attr, Context, Entry
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+# Operations whose first argument is one of our file handles rather than an inode.
+_HANDLE_OPS = frozenset(
+    {"read", "write", "flush", "fsync", "release", "readdir", "releasedir", "fsyncdir"}
+)
+
 
 def _errors(func: F) -> F:
-    """OSError -> FUSEError(errno); anything else is a bug: log it, answer EIO, keep serving."""
+    """OSError -> FUSEError(errno); anything else is a bug: log it, answer EIO, keep serving.
+    The request is listed in the in-flight tracker while it runs."""
+    name = func.__name__
 
     @functools.wraps(func)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def wrapper(self: Pyfuse3Operations, *args: Any, **kwargs: Any) -> Any:
+        if self.readahead_pending is not None:
+            # The first request comes after the kernel applied the INIT reply, which resets
+            # the read-ahead: only now does raising it stick.
+            mountpoint, self.readahead_pending = self.readahead_pending, None
+            set_readahead(mountpoint)
+        unique = self.inflight.begin(self._inode_of(name, args), name)
         try:
-            return await func(*args, **kwargs)
+            return await func(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception:
-            log.exception("fuse: %s failed", func.__name__)
+            log.exception("fuse: %s failed", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.inflight.end(unique)
 
     return cast(F, wrapper)
 
@@ -91,12 +113,25 @@ class Pyfuse3Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, fs: FileSystem, *, attr_timeout: float = 1.0) -> None:
+    def __init__(
+        self, fs: FileSystem, *, attr_timeout: float = 1.0, inflight: InflightTracker | None = None
+    ) -> None:
         super().__init__()
         self.fs = fs
         self.attr_timeout = attr_timeout
+        self.inflight = inflight if inflight is not None else InflightTracker()
         self._handles: dict[int, tuple[int, int]] = {}  # our fh -> (inode, inner fh)
         self._next = itertools.count(1)
+        self.readahead_pending: str | None = None  # mount point whose read-ahead to raise
+
+    def _inode_of(self, op: str, args: tuple[Any, ...]) -> int:
+        """The inode a request is about, for the in-flight list."""
+        if op in _HANDLE_OPS:
+            return self._handles.get(args[0], (0, 0))[0] if args else 0
+        if op == "statfs":
+            return int(pyfuse3.ROOT_INODE)
+        first = args[0] if args else 0
+        return first if isinstance(first, int) else 0
 
     def _new_handle(self, inode: int, inner: OpenResult) -> int:
         fh = next(self._next)
@@ -316,6 +351,47 @@ class Pyfuse3Operations(pyfuse3.Operations):
 # pyfuse3 gives no request context to handle operations; the filesystem does not need one.
 _NO_CTX = Context(os.geteuid(), os.getegid(), 0)
 
+# How long closing the session waits for kernel notifications still running in threads.
+NOTIFY_CLOSE_TIMEOUT = 2.0
+
+
+class KernelNotifier:
+    """Invalidates kernel dentries of the live session (``pyfuse3.invalidate_entry``).
+
+    pyfuse3's own ``invalidate_entry_async`` queue outlives the session (its thread may still
+    run after ``close``), so this runs each batch in a trio worker thread instead and ``serve``
+    waits for running batches before it closes the session.
+    """
+
+    def __init__(self) -> None:
+        self.live = False
+        self._running = 0
+
+    async def invalidate(self, entries: list[tuple[int, bytes]]) -> None:
+        if not self.live or not entries:
+            return
+        self._running += 1
+        try:
+            await trio.to_thread.run_sync(_invalidate_entries, entries)
+        finally:
+            self._running -= 1
+
+    async def close(self) -> None:
+        self.live = False
+        with trio.move_on_after(NOTIFY_CLOSE_TIMEOUT):
+            while self._running:
+                await trio.sleep(0.01)
+
+
+def _invalidate_entries(entries: list[tuple[int, bytes]]) -> None:
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except FileNotFoundError:
+            pass  # the kernel never looked it up: nothing cached
+        except OSError as e:
+            log.debug("fuse: invalidating %r in %d: %s", name, parent, e)
+
 
 async def serve(
     fs: FileSystem,
@@ -325,12 +401,15 @@ async def serve(
     read_only: bool = True,
     allow_other: bool = True,
     max_tasks: int = 16,
+    inflight: InflightTracker | None = None,
+    notifier: KernelNotifier | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``fs`` at ``mountpoint`` and serve it until cancelled; always unmounts.
 
     ``task_status.started()`` is called once the kernel mount exists. The caller owns ``fs``:
-    this calls ``fs.init()`` but not ``fs.destroy()``.
+    this calls ``fs.init()`` but not ``fs.destroy()``. ``inflight`` receives the requests being
+    served; ``notifier`` is live while the session is.
     """
     options = set(pyfuse3.default_options)
     options.add(f"fsname={fsname}")
@@ -340,9 +419,16 @@ async def serve(
     if allow_other:
         options.add("allow_other")
     await fs.init()
-    pyfuse3.init(Pyfuse3Operations(fs), mountpoint, options)
+    operations = Pyfuse3Operations(fs, inflight=inflight)
+    operations.readahead_pending = mountpoint  # 1 MiB read requests instead of 128 KiB
+    pyfuse3.init(operations, mountpoint, options)
     try:
+        if notifier is not None:
+            notifier.live = True
         task_status.started()
         await pyfuse3.main(min_tasks=2, max_tasks=max_tasks)
     finally:
+        if notifier is not None:
+            with trio.CancelScope(shield=True):
+                await notifier.close()
         pyfuse3.close(unmount=True)

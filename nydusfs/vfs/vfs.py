@@ -7,8 +7,14 @@ filesystem mounted at ``/``, whose root is the FUSE root itself.
 
 Mount and umount happen at run time, between requests, without touching other mounts: a request
 is routed when it starts, so requests already inside a filesystem finish there, while new ones
-for an unmounted index fail with ENOENT (the kernel then drops the stale inodes). All routing
-state lives on the event loop and changes without awaiting.
+for an unmounted index fail with ENOENT (the kernel then drops the stale inodes). Indexes are
+handed out round-robin, so a freed index is reused as late as possible and inode numbers the
+kernel still holds for an unmounted filesystem do not reach its successor at once.
+
+``replace`` (remount) puts a new filesystem at a mount point under a new index while the old
+one stays routable for the inodes the kernel already holds ("draining"), so no lookup fails
+during the swap; ``release_replaced`` drops the old one later. All routing state lives on the
+event loop and changes without awaiting.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class Vfs(FileSystem):
         self._by_path: dict[bytes, int] = {}
         self._by_pseudo: dict[int, int] = {}
         self._root_index: int | None = None
+        self._last_index = 0
 
     # --- mount table --------------------------------------------------------------------------
     def mount(self, path: str | bytes, fs: FileSystem) -> int:
@@ -71,9 +78,7 @@ class Vfs(FileSystem):
                 raise ValueError(f"{key.decode(errors='replace')} lies inside another mount")
             if other.startswith(key + b"/") or key == b"/":
                 raise ValueError(f"{key.decode(errors='replace')} would cover another mount")
-        index = next((i for i in range(1, MAX_MOUNTS + 1) if i not in self.mounts), None)
-        if index is None:
-            raise OSError(errno.ENOSPC, f"at most {MAX_MOUNTS} mounts")
+        index = self._free_index()
         pseudo = self.pseudo.mkdirs(parts)
         self.mounts[index] = Mount(index, key, fs, pseudo.ino)
         self._by_path[key] = index
@@ -96,6 +101,55 @@ class Vfs(FileSystem):
             self._root_index = None
         log.info("vfs: unmounted %s (index %d)", key.decode(errors="replace"), index)
         return mount.fs
+
+    def replace(self, path: str | bytes, fs: FileSystem) -> tuple[int, int]:
+        """Put ``fs`` at the mounted ``path`` under a new index; return ``(old, new)`` indexes.
+
+        New lookups reach ``fs``; inodes of the old filesystem keep reaching it until
+        ``release_replaced(old)``, so requests in flight and handles already open are not broken.
+        """
+        key = b"/" + b"/".join(split_mountpoint(path))
+        old_index = self._by_path.get(key)
+        if old_index is None:
+            raise FileNotFoundError(f"nothing is mounted at {key.decode(errors='replace')}")
+        new_index = self._free_index()
+        old = self.mounts[old_index]
+        self.mounts[new_index] = Mount(new_index, key, fs, old.pseudo_ino)
+        self._by_path[key] = new_index
+        self._by_pseudo[old.pseudo_ino] = new_index
+        if self._root_index == old_index:
+            self._root_index = new_index
+        log.info(
+            "vfs: replaced %s: index %d -> %d", key.decode(errors="replace"), old_index, new_index
+        )
+        return old_index, new_index
+
+    def release_replaced(self, index: int) -> FileSystem:
+        """Forget the replaced (draining) filesystem at ``index``; the caller destroys it."""
+        mount = self.mounts.get(index)
+        if mount is None or self._by_path.get(mount.path) == index:
+            raise ValueError(f"mount index {index} is not a replaced filesystem")
+        del self.mounts[index]
+        return mount.fs
+
+    def entry_of(self, path: str | bytes) -> tuple[int, bytes] | None:
+        """``(pseudo parent inode, name)`` of a mount point's directory entry (None for ``/``):
+        what a frontend invalidates in the kernel's dentry cache when the mount changes."""
+        parts = split_mountpoint(path)
+        if not parts:
+            return None
+        index = self._by_path.get(b"/" + b"/".join(parts))
+        if index is None:
+            return None
+        return self.pseudo.get(self.mounts[index].pseudo_ino).parent, parts[-1]
+
+    def _free_index(self) -> int:
+        for step in range(1, MAX_MOUNTS + 1):
+            index = (self._last_index + step - 1) % MAX_MOUNTS + 1
+            if index not in self.mounts:
+                self._last_index = index
+                return index
+        raise OSError(errno.ENOSPC, f"at most {MAX_MOUNTS} mounts")
 
     def mount_at(self, path: str | bytes) -> FileSystem | None:
         parts = split_mountpoint(path)
@@ -351,3 +405,8 @@ class Vfs(FileSystem):
                 await fs.destroy()
             except Exception:  # one failing filesystem must not keep others alive
                 log.exception("vfs: destroying %s failed", path.decode(errors="replace"))
+        for index in list(self.mounts):  # replaced ones still draining
+            try:
+                await self.release_replaced(index).destroy()
+            except Exception:
+                log.exception("vfs: destroying replaced mount %d failed", index)
