@@ -221,9 +221,6 @@ class RafsFs(FileSystem):
     async def release(self, ctx: Context, inode: int, fh: int) -> None:
         return None
 
-    async def flush(self, ctx: Context, inode: int, fh: int) -> None:
-        return None
-
     def _chunk_index(self, node: RafsInode) -> tuple[list[ChunkInfo], list[int]]:
         cached = self._chunks.get(node.ino)
         if cached is not None:

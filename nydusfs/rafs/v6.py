@@ -15,7 +15,9 @@ from __future__ import annotations
 import itertools
 import mmap
 import stat
+import threading
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -28,6 +30,7 @@ from nydusfs.storage.device import BlobInfo, ChunkInfo
 from nydusfs.types import BlobFeatures, Cipher, Compressor, Digester, SuperFlags
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+INODE_CACHE_SIZE = 16384
 
 
 class RafsV6Super(RafsSuper):
@@ -40,6 +43,8 @@ class RafsV6Super(RafsSuper):
         self._parse_superblocks()
         self.blobs = self._parse_blobs()
         self._chunk_map: dict[tuple[int, int, int], int] | None = None
+        self._views: OrderedDict[int, RafsV6Inode] = OrderedDict()
+        self._views_lock = threading.Lock()
 
     # --- loading ----------------------------------------------------------------------------
     def _parse_superblocks(self) -> None:
@@ -262,7 +267,19 @@ class RafsV6Super(RafsSuper):
         return offset
 
     def inode(self, ino: int) -> RafsV6Inode:
-        return RafsV6Inode(self, ino)
+        # Views are immutable and memoise their parsed directory, so reusing them saves the
+        # re-parse of a whole directory on every lookup in it (the hot path under FUSE).
+        with self._views_lock:
+            view = self._views.get(ino)
+            if view is not None:
+                self._views.move_to_end(ino)
+                return view
+        view = RafsV6Inode(self, ino)
+        with self._views_lock:
+            self._views[ino] = view
+            if len(self._views) > INODE_CACHE_SIZE:
+                self._views.popitem(last=False)
+        return view
 
     @property
     def prefetch_table(self) -> list[int]:
