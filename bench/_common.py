@@ -113,6 +113,7 @@ def tool_version(argv: Sequence[str]) -> str:
 def reuse_or_build(out: Path, params: dict[str, Any], build: Callable[[Path], None]) -> bool:
     """Run ``build(out)`` into an emptied ``out`` unless ``out/stamp.json`` records the same
     ``params`` (a finished earlier build). Returns True when it built."""
+    params = json.loads(json.dumps(params))  # as it reads back (tuples become lists)
     stamp = out / "stamp.json"
     if stamp.exists():
         try:

@@ -11,21 +11,29 @@ ends (error, Ctrl-C, SIGTERM; ``PR_SET_PDEATHSIG`` covers a killed bench).
 
 Runs, all against that registry, each with an empty cache work dir:
 
-1. ``curl -o /dev/null`` of the whole blob, ``--curl-runs`` times: the peer.
+1. ``curl -o /dev/null`` of the whole blob, ``--curl-runs`` times: the peer (best, median).
+   Then one ``curl`` fetching the blob in 1 MiB ranges over one connection: the same bytes in
+   the cache's request size, which shows what the registry's per-request cost alone allows.
 2. Every regular file of the image read through ``RafsFs.read`` in 1 MiB reads by N concurrent
    readers (``--readers``; FUSE issues concurrent requests), ``rafs.batch_size`` 1 MiB.
 3. Blob-level prefetch (``cache.prefetch.enable``: ``prefetch_blobs`` then ``wait_prefetch``),
-   the closest analogue of curl's sequential whole-blob fetch.
+   the closest analogue of curl's sequential whole-blob fetch, for each
+   ``cache.prefetch.batch_size`` of ``--prefetch-batches``.
 4. A partial read: ~``--partial-percent`` % of the files (seeded, stratified by size so that
-   small and large files are both in), read fully, with ``rafs.batch_size`` 1 MiB and 0.
+   small and large files are both in), read fully, with ``rafs.batch_size`` 1 MiB and 0; its
+   data is checked against the source tree.
 
 Throughput is blob bytes fetched from the backend per wall second, compared with curl's median.
-Memory is the peak RSS of this process during each run (``VmHWM``, reset before the run).
+Memory is the peak RSS of this process during each run (``VmHWM``, reset before the run). The
+registry and this process share the host's cores: the table shows the registry's CPU time too.
+``--profile DIR`` writes a cProfile of the trio thread of each nydusfs run (worker threads are
+not profiled).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -87,9 +95,9 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_kib() -> int:
     """This process's peak RSS since start or the last ``reset_peak_rss``."""
-    return proc_status_kib(os.getpid(), "VmHWM") or resource.getrusage(
-        resource.RUSAGE_SELF
-    ).ru_maxrss
+    return (
+        proc_status_kib(os.getpid(), "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    )
 
 
 def cpu_self() -> float:
@@ -296,11 +304,11 @@ Workload = Callable[[RafsFs, BlobDevice], Awaitable[int]]
 
 class Bench:
     def __init__(
-        self, registry: DockerRegistry, sup: RafsSuper, workdir: Path, profile_dir: Path | None
+        self, registry: DockerRegistry, sup: RafsSuper, scratch: Path, profile_dir: Path | None
     ) -> None:
         self.registry = registry
         self.sup = sup
-        self.workdir = workdir
+        self.scratch = scratch  # cache work dirs and curl's config go here
         self.profile_dir = profile_dir
 
     def curl(self, name: str, url: str, size: int, range_size: int = 0) -> Run:
@@ -308,7 +316,9 @@ class Bench:
         GETs of ``range_size`` bytes over one connection (``--next``), as a cache would ask."""
         run = Run(name, readers=1)
         ranges = [(o, min(o + range_size, size) - 1) for o in range(0, size, range_size or size)]
-        conf = self.workdir / "curl-ranges.conf"
+        fd, conf_name = tempfile.mkstemp(prefix="curl-", suffix=".conf", dir=self.scratch)
+        os.close(fd)
+        conf = Path(conf_name)
         lines = []
         for i, (first, last) in enumerate(ranges):
             lines += ["next"] if i else []
@@ -316,10 +326,12 @@ class Bench:
             lines += [f'range = "{first}-{last}"'] if range_size else []
         conf.write_text("\n".join(lines) + "\n")
         server = cpu_of(self.registry.proc.pid)
-        result = run_timed(name, "cold", ["curl", "-s", "-S", "--fail", "-K", str(conf)], [],
-                           dict(os.environ))  # fmt: skip
+        try:
+            result = run_timed(name, "cold", ["curl", "-s", "-S", "--fail", "-K", str(conf)], [],
+                               dict(os.environ))  # fmt: skip
+        finally:
+            conf.unlink(missing_ok=True)
         run.server_cpu = cpu_of(self.registry.proc.pid) - server
-        conf.unlink(missing_ok=True)
         if not result.ok:
             run.error = result.error
             return run
@@ -350,7 +362,7 @@ class Bench:
         """One measured run with a fresh cache work dir: backend + device + RafsFs, ``work``
         timed from its first request to its last byte (setup and close are not timed)."""
         run = Run(name, readers=readers)
-        cache_dir = Path(tempfile.mkdtemp(prefix="cache-", dir=self.workdir))
+        cache_dir = Path(tempfile.mkdtemp(prefix="cache-", dir=self.scratch))
         config = make_config(
             self.registry, cache_dir,
             batch_size=batch_size, prefetch=prefetch, prefetch_batch=prefetch_batch,
@@ -414,27 +426,27 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def print_throughput(runs: list[Run], curl_median: float, curl_best: float) -> None:
+def print_throughput(runs: list[Run], curl_median: float, curl_ranges: float) -> None:
     cols = ["run", "readers", "seconds", "fetched MB", "fetch MB/s", "file MB/s", "requests"]
-    cols += ["cpu/wall", "registry cpu s", "peak RSS MB", "vs curl median", "vs curl best"]
+    cols += ["cpu/wall", "registry cpu s", "peak RSS MB", "vs curl", "vs curl 1M ranges"]
     rows = []
     for r in runs:
         if r.error:
-            rows.append([r.name, str(r.readers), "FAILED"] + [""] * (len(cols) - 3))
+            rows.append([r.name, str(r.readers or "-"), "FAILED"] + [""] * (len(cols) - 3))
             continue
         rows.append([
             r.name,
-            str(r.readers),
+            str(r.readers or "-"),
             f"{r.seconds:.2f}",
             mb(r.fetched),
             f"{r.fetch_mbps:.0f}",
-            f"{r.deliver_mbps:.0f}" if r.name != "curl" else "-",
+            f"{r.deliver_mbps:.0f}" if r.delivered and not r.name.startswith("curl") else "-",
             str(r.requests),
             f"{r.cpu_seconds / r.seconds:.2f}" if r.seconds else "-",
             f"{r.server_cpu:.2f}",
             f"{r.peak_rss_kib / 1024:.0f}" if r.peak_rss_kib else "-",
             ratio(r.fetch_mbps, curl_median),
-            ratio(r.fetch_mbps, curl_best),
+            ratio(r.fetch_mbps, curl_ranges),
         ])  # fmt: skip
     print()
     print_rows(cols, rows)
@@ -467,11 +479,49 @@ def print_partial(runs: list[Run]) -> None:
 # --- main ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then act as interrupted."""
+    pending: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    old = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwind through the finally blocks that stop the registry
+    # As a Ctrl-C: inside trio.run, trio's SIGINT handler raises KeyboardInterrupt where it is
+    # safe; either way the finally blocks that stop the registry run.
+    signal.raise_signal(signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C and SIGTERM unwind (a shell may start a background job with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return bench_main(argv)
+    except BaseException as e:
+        # trio delivers it inside a nursery: then it comes wrapped in an exception group.
+        if isinstance(e, BaseExceptionGroup):
+            interrupt, rest = e.split(KeyboardInterrupt)
+            if interrupt is None or rest is not None:
+                raise
+        elif not isinstance(e, KeyboardInterrupt):
+            raise
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def bench_main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=20_000, help="regular files in the tree")
     ap.add_argument("--mbytes", type=int, default=500, help="MB (10^6) of file data")
@@ -481,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curl-runs", type=int, default=5)
     ap.add_argument("--partial-percent", type=float, default=5.0)
     ap.add_argument(
+        "--prefetch-batches", default="1,4",
+        help="comma list of cache.prefetch.batch_size values in MiB, one prefetch run each",
+    )  # fmt: skip
+    ap.add_argument(
         "--profile", type=Path, metavar="DIR",
         help="cProfile the trio thread of each nydusfs run into DIR/<run>.pstats",
     )  # fmt: skip
@@ -488,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     readers = [int(n) for n in args.readers.split(",") if n.strip()]
     if not readers or min(readers) < 1:
         ap.error("--readers: positive integers")
+    prefetch_batches = [float(n) for n in args.prefetch_batches.split(",") if n.strip()]
     if not have_registry():
         ap.error("docker-registry not found (apt-get install docker-registry, or `make deps`)")
     if shutil.which("curl") is None:
@@ -504,49 +559,59 @@ def main(argv: list[str] | None = None) -> int:
     files = regular_files(sup)
     partial = partial_set(files, args.partial_percent, args.seed)
 
-    signal.signal(signal.SIGTERM, _sigterm)
-    reg_dir = Path(tempfile.mkdtemp(prefix="registry-", dir=workdir))
+    # Everything a run leaves (registry storage, cache work dirs) is under one scratch dir,
+    # removed at the end however the bench ends.
+    scratch = Path(tempfile.mkdtemp(prefix="storage-run-", dir=workdir))
     registry: DockerRegistry | None = None
     try:
-        registry = DockerRegistry(reg_dir)
+        (scratch / "registry").mkdir()
+        registry = DockerRegistry(scratch / "registry")
         print(f"bench: docker-registry on {registry.host}; pushing the blob ...", flush=True)
         push(registry, image)
-        bench = Bench(registry, sup, workdir, args.profile)
+        bench = Bench(registry, sup, scratch, args.profile)
         setup_peak = peak_rss_kib()  # build and in-memory push, before the first reset
         url = f"{registry.url}/v2/{REPO_NAME}/blobs/sha256:{image.blob_id}"
 
-        curls = [bench.curl(url, i) for i in range(args.curl_runs)]
+        curls = [bench.curl(f"curl #{i + 1}", url, image.blob_size) for i in range(args.curl_runs)]
         good = [c for c in curls if not c.error]
         if not good:
             raise SystemExit(f"bench: curl failed: {curls[0].error}")
         speeds = sorted(c.fetch_mbps for c in good)
-        curl_median, curl_best = statistics.median(speeds), speeds[-1]
+        curl_median = statistics.median(speeds)
         median_run = min(good, key=lambda c: abs(c.fetch_mbps - curl_median))
         best_run = max(good, key=lambda c: c.fetch_mbps)
-        median_run.name, best_run.name = "curl (median)", "curl (best)"
+        throughput = [best_run] if best_run is median_run else [best_run, median_run]
+        best_run.name = "curl, whole blob (best)"
+        median_run.name = "curl, whole blob (median)"
+        ranged = bench.curl("curl, 1 MiB ranges", url, image.blob_size, BATCH_SIZE)
+        throughput.append(ranged)
 
-        async def whole(fs: RafsFs, device: BlobDevice, n: int) -> int:
-            return await read_files(fs, files, n, None)
+        def read_all(n: int) -> Workload:
+            async def work(fs: RafsFs, device: BlobDevice) -> int:
+                return await read_files(fs, files, n, None)
+
+            return work
 
         async def blob_prefetch(fs: RafsFs, device: BlobDevice) -> int:
             await device.prefetch_blobs()
             await device.wait_prefetch()
             return 0
 
-        throughput = [best_run, median_run] if best_run is not median_run else [best_run]
         whole_file_bytes = sum(f.size for f in files)
         for n in readers:
             run = bench.nydus(
-                "read all files, batch 1M", lambda fs, d, n=n: whole(fs, d, n),
+                "read all files, batch 1M", read_all(n),
                 readers=n, batch_size=BATCH_SIZE, prefetch=False,
             )  # fmt: skip
             if not run.error and run.delivered != whole_file_bytes:
                 run.error = f"read {run.delivered} bytes of {whole_file_bytes}"
             throughput.append(run)
-        throughput.append(bench.nydus(
-            "blob prefetch (8 workers)", blob_prefetch,
-            readers=0, batch_size=BATCH_SIZE, prefetch=True,
-        ))  # fmt: skip
+        for mib in prefetch_batches:
+            throughput.append(bench.nydus(
+                f"blob prefetch, 8 workers, batch {mib:g}M", blob_prefetch,
+                readers=0, batch_size=BATCH_SIZE, prefetch=True,
+                prefetch_batch=int(mib * (1 << 20)),
+            ))  # fmt: skip
 
         partial_runs = []
         part_readers = max(readers)
@@ -565,23 +630,26 @@ def main(argv: list[str] | None = None) -> int:
                 run.error = f"{len(bad)} files differ from the source, first {bad[0]!r}"
             partial_runs.append(run)
     finally:
-        if registry is not None:
-            registry.close()
-        shutil.rmtree(reg_dir, ignore_errors=True)
-        sup.close()
+        with signals_deferred():  # a second Ctrl-C must not cut the clean-up short
+            if registry is not None:
+                registry.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+            sup.close()
 
-    print_throughput(throughput, curl_median, curl_best)
+    print_throughput(throughput, curl_median, ranged.fetch_mbps if not ranged.error else 0.0)
     print(
-        f"\nblob: {image.blob_size / 1e6:.1f} MB ({whole_file_bytes / 1e6:.1f} MB of file data, "
-        f"{len(files)} files); curl: {len(good)} runs, "
-        f"median {curl_median:.0f} MB/s, best {curl_best:.0f} MB/s, "
-        f"all: {', '.join(f'{s:.0f}' for s in speeds)}\n"
-        "fetch MB/s = blob bytes from the backend (curl: downloaded) / wall seconds, from the "
-        "first request to the last byte;\nfile MB/s = file bytes returned by RafsFs.read / wall; "
-        "'vs curl' = fetch MB/s / curl's MB/s (target: at least 0.70x);\n"
-        "cpu/wall = this process's (user+sys)/wall (curl: curl's) over "
-        f"{os.cpu_count()} core(s), registry cpu s = the docker-registry's CPU seconds in the run;"
-        "\npeak RSS = VmHWM of the bench process during the run"
+        f"\nblob: {image.blob_size / 1e6:.1f} MB ({whole_file_bytes / 1e6:.1f} MB of file data in "
+        f"{len(files)} files); curl whole blob, {len(good)} runs, MB/s: "
+        f"{', '.join(f'{s:.0f}' for s in speeds)}\n"
+        "fetch MB/s = blob bytes from the backend (curl: downloaded) / wall seconds from the "
+        "first request to the last byte (curl, one GET: its time_total; ranges: its process);\n"
+        "file MB/s = file bytes returned by RafsFs.read / wall; 'vs curl' = fetch MB/s / the "
+        "median whole-blob curl's (target: at least 0.70x);\n'vs curl 1M ranges' = the same "
+        "against curl GETting the blob in 1 MiB ranges over one connection (the cache's "
+        "request size);\ncpu/wall = this process's (user+sys)/wall (curl: curl's) over "
+        f"{os.cpu_count()} core(s); registry cpu s = docker-registry's CPU seconds in the run;"
+        "\npeak RSS = VmHWM of the bench process during the run; the registry serves its "
+        "blob file through the page cache"
     )
     print_partial(partial_runs)
     print(
