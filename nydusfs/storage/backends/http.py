@@ -630,3 +630,18 @@ class HttpClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ranged_body(
+    client: HttpClient, resp: requests.Response, offset: int, size: int, what: str
+) -> bytes:
+    """The bytes of a ranged GET: empty on 416 (at or past the end), the asked-for slice of a
+    200 (the server ignored ``Range`` and sent everything), else the 206 body."""
+    if resp.status_code == 416:
+        resp.close()
+        return b""
+    client.check_status(resp, what)
+    data = resp.content
+    if resp.status_code == 200:
+        return data[offset : offset + size]
+    return data[:size]

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 from nydusfs.config import OssConfig
 from nydusfs.errors import ConfigError
 from nydusfs.storage.backends.base import BlobBackend, BlobReader
-from nydusfs.storage.backends.http import HttpClient
+from nydusfs.storage.backends.http import HttpClient, ranged_body
 from nydusfs.storage.backends.localfs import check_blob_id
 from nydusfs.storage.backends.s3 import content_length, split_endpoint
 from nydusfs.storage.backends.signing import oss_sign
@@ -67,16 +67,13 @@ class OssReader(BlobReader):
         resp = b.client.request(
             "GET", b.object_url(self.blob_id), headers=b.sign("GET", self.blob_id, headers)
         )
-        if resp.status_code == 416:  # at or past the end of the object
-            resp.close()
-            return b""
-        b.client.check_status(
-            resp, f"read of oss object {b.object_key(self.blob_id)} at {offset}+{size}"
+        return ranged_body(
+            b.client,
+            resp,
+            offset,
+            size,
+            f"read of oss object {b.object_key(self.blob_id)} at {offset}+{size}",
         )
-        data = resp.content
-        if resp.status_code == 200:  # Range ignored: the whole object came
-            return data[offset : offset + size]
-        return data[:size]
 
 
 class OssBackend(BlobBackend):

@@ -28,7 +28,7 @@ import requests
 from nydusfs.config import S3Config
 from nydusfs.errors import BackendError, ConfigError
 from nydusfs.storage.backends.base import BlobBackend, BlobReader
-from nydusfs.storage.backends.http import HttpClient
+from nydusfs.storage.backends.http import HttpClient, ranged_body
 from nydusfs.storage.backends.localfs import check_blob_id
 from nydusfs.storage.backends.signing import s3_quote, sigv4_sign
 
@@ -67,16 +67,13 @@ class S3Reader(BlobReader):
         url = b.object_url(self.blob_id)
         headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
         resp = b.client.request("GET", url, headers=b.sign("GET", url, headers))
-        if resp.status_code == 416:  # at or past the end of the object
-            resp.close()
-            return b""
-        b.client.check_status(
-            resp, f"read of s3 object {b.object_key(self.blob_id)} at {offset}+{size}"
+        return ranged_body(
+            b.client,
+            resp,
+            offset,
+            size,
+            f"read of s3 object {b.object_key(self.blob_id)} at {offset}+{size}",
         )
-        data = resp.content
-        if resp.status_code == 200:  # Range ignored: the whole object came
-            return data[offset : offset + size]
-        return data[:size]
 
 
 class S3Backend(BlobBackend):
