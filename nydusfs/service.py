@@ -132,6 +132,30 @@ class NydusService:
     def mounts(self) -> list[str]:
         return sorted(self.daemon.service.mounts)
 
+    def info(self) -> dict[str, Any]:
+        """What ``GET /api/v1/daemon`` answers: version, state and mounts (no secrets)."""
+        from nydusfs.api.types import daemon_info
+
+        return daemon_info(self.daemon, include_fs=True)
+
+    def metrics(self, path: str, kind: str = "fs") -> dict[str, Any]:
+        """The metrics of the mount at ``path``, as the API's ``/metrics[/backend|/blobcache]``.
+
+        ``kind`` is ``fs``, ``files``, ``backend`` or ``blobcache``.
+        """
+        mounted = self.daemon.service.mounts.get(path)
+        if mounted is None:
+            raise FileNotFoundError(f"nothing is mounted at {path}")
+        if kind == "fs":
+            return mounted.fs.stats.to_dict()
+        if kind == "files":
+            return mounted.fs.stats.files_dict()
+        if kind == "backend" and mounted.backend is not None:
+            return mounted.backend.metrics.to_dict()
+        if kind == "blobcache" and mounted.device is not None:
+            return mounted.device.metrics.to_dict()
+        raise NydusError(f"no {kind} metrics for {path}")
+
     @property
     def state(self) -> DaemonState:
         return self.daemon.state

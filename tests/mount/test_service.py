@@ -104,3 +104,8 @@ def test_io_stats_and_access_patterns(small_tree: Path, tmp_path: Path) -> None:
         latest = stats.take_latest_read()
         assert sum(len(range(r[0], r[-1] + 1)) for r in latest) == len(read_inos)
         assert stats.take_latest_read() == []  # cleared by reading it
+        assert svc.metrics("/img")["data_read"] == total
+        assert svc.metrics("/img", "backend")["read_amount_total"] > 0
+        assert svc.metrics("/img", "blobcache")["total"] >= 1
+        assert svc.info()["state"] == "RUNNING"
+        assert "/img" in svc.info()["backend_collection"]
