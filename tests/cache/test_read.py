@@ -332,12 +332,9 @@ def test_bad_descriptors(image: Image, tmp_path: Path) -> None:
 
 
 def test_localfs_backend(image: Image, tmp_path: Path) -> None:
-    """The real localfs backend, once it exists."""
-    backends = pytest.importorskip("nydusfs.storage.backends")
-    new_backend = getattr(backends, "new_backend", None)
-    if new_backend is None:
-        pytest.skip("nydusfs.storage.backends.new_backend is not there yet")
+    """The real localfs backend."""
     from nydusfs.config import BackendConfig, LocalFsConfig
+    from nydusfs.storage.backends import new_backend
 
     sup = image.load()
     backend = new_backend(BackendConfig("localfs", LocalFsConfig(dir=str(image.blob_dir))), "t")
