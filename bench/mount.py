@@ -31,6 +31,7 @@ Needs root (mount, drop_caches), ``squashfs-tools``, ``squashfuse``, ``erofs-uti
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import itertools
@@ -169,7 +170,7 @@ class Mounted:
     pid: int | None  # the serving daemon, if any
 
 
-class Tool:
+class Tool(abc.ABC):
     """One file system under test: how to build its image and how to mount it."""
 
     name = ""
@@ -179,17 +180,20 @@ class Tool:
         self.scratch = scratch
         self.src = src
 
+    @abc.abstractmethod
     def params(self) -> dict[str, object]:
-        raise NotImplementedError
+        """What the image depends on: a change rebuilds it."""
 
+    @abc.abstractmethod
     def build(self, out: Path) -> None:
-        raise NotImplementedError
+        """Build the image into ``out``."""
 
     def image_bytes(self) -> int:
         return du([p for p in self.image_dir.iterdir() if p.name != "stamp.json"])
 
+    @abc.abstractmethod
     def mount(self, mnt: Path) -> contextlib.AbstractContextManager[Mounted]:
-        raise NotImplementedError
+        """Mount the image at ``mnt`` for the duration of the context."""
 
 
 def _run(argv: list[str]) -> None:

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from nydusfs.storage.backends.signing import sigv4_sign
+from tests.helpers.servers import stop_process
 
 LOOPBACK = "127.0.0.1"
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -402,13 +403,7 @@ class DockerRegistry:
         return digest
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
 
 
 # --- redirecting front -------------------------------------------------------------------------
@@ -564,13 +559,7 @@ class MotoS3:
         self._call("PUT", f"/{bucket}/{urllib.parse.quote(key, safe='/~')}", data, headers)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
 
 
 # --- OSS look-alike ----------------------------------------------------------------------------

@@ -101,15 +101,16 @@ def _tail(path: str, limit: int = 4000) -> str:
         return ""
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(5)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait(5)
+        proc.wait(timeout)
 
 
 @contextlib.contextmanager
@@ -146,7 +147,7 @@ def running(
             time.sleep(0.02)
         yield proc
     finally:
-        _stop(proc)
+        stop_process(proc)
         os.unlink(out_path)
 
 

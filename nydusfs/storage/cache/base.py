@@ -29,6 +29,7 @@ when the fetch was a prefetch or was cancelled: then it fetches the chunk itself
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -96,7 +97,7 @@ class _Round:
     hits: int = 0
 
 
-class BlobCache:
+class BlobCache(abc.ABC):
     """One blob behind a cache. Subclasses decide where (and whether) fetched chunks are kept."""
 
     kind = "dummycache"
@@ -126,13 +127,13 @@ class BlobCache:
         """Store the good chunks of ``results``; return the indexes now safely on disk."""
         return set()
 
+    @abc.abstractmethod
     def _read_cached(self, chunks: Sequence[ChunkInfo]) -> dict[int, ChunkResult]:
         """Whole ready chunks from the cache, decoded and verified."""
-        raise NotImplementedError
 
     def _read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """``(offset, size)`` ranges of the plain data file (``fast_path`` caches only)."""
-        raise NotImplementedError
+        raise AssertionError(f"{type(self).__name__} has no plain data file (fast_path off)")
 
     def _load_meta(self) -> list[CiEntry] | None:
         """The blob's CI entries, or None if it has none."""
