@@ -37,6 +37,8 @@ from nydusfs.types import Attr, Context, DirEntry, Entry, StatVfs
 ATTR_TIMEOUT = float(1 << 32)
 ATTR_BLOCK_SIZE = 4096
 CHUNK_CACHE_INODES = 4096
+# Chunks of a file offered to the cache past each read (in-file amplification, read-ahead).
+READAHEAD_HINT_CHUNKS = 32
 _DT = {
     stat.S_IFREG: 8,
     stat.S_IFDIR: 4,
@@ -79,7 +81,9 @@ def _since(started: float) -> float:
 class DataDevice(Protocol):
     """What ``RafsFs`` needs of ``BlobDevice``."""
 
-    async def read(self, iovec: Sequence[BlobIoDesc]) -> bytes: ...
+    async def read(
+        self, iovec: Sequence[BlobIoDesc], hint: Sequence[ChunkInfo] = ()
+    ) -> bytes: ...
 
 
 class RafsFs(FileSystem):
@@ -260,6 +264,13 @@ class RafsFs(FileSystem):
             i += 1
         return out
 
+    def _following(self, node: RafsInode, end: int) -> list[ChunkInfo]:
+        """Up to ``READAHEAD_HINT_CHUNKS`` chunks of ``node`` that start at or after ``end``:
+        what the cache may fetch along with a read that ends there."""
+        chunks, starts = self._chunk_index(node)
+        i = bisect.bisect_left(starts, end)
+        return chunks[i : i + READAHEAD_HINT_CHUNKS]
+
     @_recorded("read")
     async def read(self, ctx: Context, inode: int, fh: int, offset: int, size: int) -> bytes:
         node = self._inode(inode)
@@ -275,7 +286,7 @@ class RafsFs(FileSystem):
         if self.device is None:
             raise OSError(errno.EIO, "the image has no data device")
         try:
-            data = await self.device.read(descs)
+            data = await self.device.read(descs, self._following(node, offset + size))
         except BackendError:
             raise
         except FormatError as e:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -111,6 +111,10 @@ class BlobDevice:
         self._reads_done = trio.Event()
         self._reads_done.set()
         self._closed = False
+        self._nursery: trio.Nursery | None = None
+        self._background = 0  # tasks started by _spawn and not finished
+        self._background_done = trio.Event()
+        self._background_done.set()
         self._update_all_ready()
 
     def _factory(
@@ -139,8 +143,30 @@ class BlobDevice:
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self, nursery: trio.Nursery) -> None:
-        """Start the prefetch workers in ``nursery`` (no-op when prefetch is disabled)."""
+        """Start the prefetch workers in ``nursery`` (when prefetch is enabled) and let the
+        caches run their background work there (read-ahead, writing fetched chunks)."""
         self.prefetcher.start(nursery)
+        self._nursery = nursery
+        self.ctx.spawn = self._spawn
+
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Run ``fn(*args)`` in the background; False once the device is closing."""
+        if self._closed or self._nursery is None:
+            return False
+
+        async def tracked() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._background -= 1
+                if self._background == 0:
+                    self._background_done.set()
+
+        if self._background == 0:
+            self._background_done = trio.Event()
+        self._background += 1
+        self._nursery.start_soon(tracked)
+        return True
 
     async def close(self) -> None:
         """Stop prefetch, refuse new reads, wait for running ones, close the cache files."""
@@ -150,12 +176,16 @@ class BlobDevice:
         await self.prefetcher.stop()
         while self._active_reads:
             await self._reads_done.wait()
+        while self._background:
+            await self._background_done.wait()
         for cache in self._unique:
             await trio.to_thread.run_sync(cache.close_blocking)
 
     # --- reads ---------------------------------------------------------------------------------
-    async def read(self, iovec: Sequence[BlobIoDesc]) -> bytes:
-        """The concatenated bytes of ``iovec``, in order (see the module docstring)."""
+    async def read(self, iovec: Sequence[BlobIoDesc], hint: Sequence[ChunkInfo] = ()) -> bytes:
+        """The concatenated bytes of ``iovec``, in order (see the module docstring). ``hint``:
+        the chunks of the file that follow the read, in file order, which the cache may fetch
+        along (in-file amplification and read-ahead)."""
         if self._closed:
             raise OSError(errno.EBADF, "blob device is closed")
         if not iovec:
@@ -173,7 +203,10 @@ class BlobDevice:
                 end = start + 1
                 while end < len(iovec) and iovec[end].blob.blob_index == index:
                     end += 1
-                parts.append(await self._caches[index].read(iovec[start:end]))
+                run_hint: Sequence[ChunkInfo] = ()
+                if end == len(iovec) and hint:
+                    run_hint = [c for c in hint if c.blob_index == index]
+                parts.append(await self._caches[index].read(iovec[start:end], run_hint))
                 start = end
             return b"".join(parts)
         finally:

@@ -3,15 +3,21 @@ merging and amplification."""
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import struct
 from pathlib import Path
 
 import pytest
 import trio
 
+from nydusfs.rafs.builder.build import BuildOptions, build
+from nydusfs.rafs.fs import RafsFs
+from nydusfs.rafs.superblock import RafsSuper
 from nydusfs.storage import compress
 from nydusfs.storage.cache.chunkmap import HEADER_SIZE, MAGIC1, MAGIC2, MAGIC_ALL_READY
+from nydusfs.storage.cache.filecache import FileCache
 from nydusfs.storage.device import BlobDevice
 from nydusfs.storage.meta import compressed_data_size, load_blob_meta, pack_blob_meta_file
 from tests.cache.backend import FileBackend
@@ -92,6 +98,8 @@ def test_blob_data_layout(image: Image, tmp_path: Path) -> None:
         for name in image.files:
             await device.read(descs_for(sup, name))
         assert device.metrics.data_all_ready
+        # The CI array, as amplification and blob prefetch load it: kept in .blob.meta.
+        assert await device.cache_of(0).entries()
         await device.close()
 
     trio.run(main)
@@ -250,12 +258,9 @@ def test_merging_adjacent_missing_chunks(image: Image, tmp_path: Path) -> None:
         return backend
 
     # One read of N missing chunks with a large batch: one request, exactly the chunks' range
-    # (plus amplification up to the batch size).
+    # (a lone read with no file hint and no stream behind it is not amplified).
     backend = trio.run(one_read, 1 << 20, tmp_path / "a")
-    reads = backend.data_reads(blob)
-    assert len(reads) == 1
-    assert reads[0][0] == rand[0].compressed_offset
-    assert reads[0][1] == 1 << 20  # amplified to 16 chunks
+    assert backend.data_reads(blob) == [(rand[0].compressed_offset, 8 * 0x10000)]
     # batch_size 0: no amplification, so N separate reads make N requests ...
     backend = trio.run(separate_reads, 0, tmp_path / "b")
     assert backend.data_reads(blob) == [(c.compressed_offset, c.compressed_size) for c in rand]
@@ -267,7 +272,9 @@ def test_merging_adjacent_missing_chunks(image: Image, tmp_path: Path) -> None:
     assert len(backend.data_reads(blob)) == 4
 
 
-def test_amplification_prefetches_following_chunks(image: Image, tmp_path: Path) -> None:
+def test_amplification_stays_within_the_file(image: Image, tmp_path: Path) -> None:
+    """A lone read fetches the file's following chunks up to the batch size (``hint``, as
+    RAFS passes it), never the chunks of whatever file is stored next."""
     sup = image.load()
     blob = sup.blobs[0]
     rand = chunks_of(sup, "rand")
@@ -276,18 +283,104 @@ def test_amplification_prefetches_following_chunks(image: Image, tmp_path: Path)
 
     async def main() -> None:
         device = BlobDevice(sup.blobs, config, backend)
-        await device.read(descs_for(sup, "rand", 20 * 0x10000, 100))
+        await device.read(descs_for(sup, "rand", 20 * 0x10000, 100), rand[21:])
         assert backend.chunks_read(blob, rand) == {20, 21, 22, 23}
         for i in (21, 22, 23):
             assert device.cache_of(0).state.is_ready(i)
-        await device.read(descs_for(sup, "rand", 21 * 0x10000, 3 * 0x10000))
+        await device.read(descs_for(sup, "rand", 21 * 0x10000, 3 * 0x10000), rand[24:])
         assert len(backend.data_reads(blob)) == 1
         # Amplification stops at the first ready chunk: reading 19 fetches only 19.
-        await device.read(descs_for(sup, "rand", 19 * 0x10000, 10))
+        await device.read(descs_for(sup, "rand", 19 * 0x10000, 10), rand[20:])
         assert backend.data_reads(blob)[-1] == (rand[19].compressed_offset, 0x10000)
+        # The last chunk of rand, read alone, does not pull in the file stored after it.
+        last = rand[-1]
+        await device.read(descs_for(sup, "rand", last.file_offset, 10), [])
+        assert backend.data_reads(blob)[-1] == (last.compressed_offset, last.compressed_size)
         await device.close()
 
     trio.run(main)
+
+
+def _many_files(tmp_path: Path, count: int = 24) -> tuple[RafsSuper, Path, list[str]]:
+    """An image of ``count`` files of 1-3 chunks (64 KiB), and their names in blob order."""
+    rng = random.Random(3)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(count):
+        size = rng.randint(1, 3) * 0x10000 + rng.randint(0, 5000)
+        (src / f"f{i:02}").write_bytes(rng.randbytes(size))
+    (tmp_path / "blobs").mkdir()
+    build(BuildOptions(source=str(src), bootstrap=str(tmp_path / "boot"),
+                       blob_dir=str(tmp_path / "blobs"), chunk_size=0x10000))  # fmt: skip
+    sup = RafsSuper.load(tmp_path / "boot")
+    names = sorted(os.listdir(src), key=lambda n: sup.lookup_path("/" + n).chunks()[0].index)
+    return sup, src, names
+
+
+async def _read_whole(device: BlobDevice, sup: RafsSuper, src: Path, name: str) -> None:
+    """Read ``name`` in one piece, with the hint RAFS gives, and check its bytes."""
+    node = sup.lookup_path("/" + name)
+    hint = RafsFs(sup, None)._following(node, node.size)
+    assert await device.read(descs_for(sup, name), hint) == (src / name).read_bytes()
+
+
+def test_reading_file_after_file_reads_ahead(tmp_path: Path) -> None:
+    """Files read one after another in blob order form one stream: once it has crossed a few
+    files, misses amplify into the blob and read-ahead fetches what follows, in the background,
+    before anyone reads it. Reading two neighbours is not enough to start that."""
+    sup, src, names = _many_files(tmp_path)
+    blob = sup.blobs[0]
+    backend = FileBackend(tmp_path / "blobs")
+    config = make_config("blobcache", tmp_path / "cache", batch_size=0x40000)
+
+    def fetched(name: str) -> set[int]:
+        chunks = chunks_of(sup, name)
+        return backend.chunks_read(blob, chunks) & {c.index for c in chunks}
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, backend)
+        async with trio.open_nursery() as nursery:
+            device.start(nursery)
+            for name in names[:2]:  # two neighbours: no read-ahead past them
+                await _read_whole(device, sup, src, name)
+            await trio.sleep(0.2)
+            assert not fetched(names[2])
+            for name in names[2:5]:  # the stream now spans files
+                await _read_whole(device, sup, src, name)
+            await device.close()
+        ahead = [n for n in names[5:] if fetched(n)]
+        assert ahead and ahead[0] == names[5]
+        # The read-ahead went out as few large requests, not chunk by chunk.
+        assert len(backend.data_reads(blob)) < 12
+
+    trio.run(main)
+
+
+def test_failed_read_ahead_fails_no_reader(tmp_path: Path) -> None:
+    """Read-ahead is a guess: when its requests fail, readers fetch for themselves."""
+    sup, src, names = _many_files(tmp_path)
+    backend = FileBackend(tmp_path / "blobs")
+    failed: list[int] = []
+
+    def fail_large(blob_id: str, offset: int, size: int) -> bool:
+        if size > 0x40000:  # larger than any on-demand request at this batch size
+            failed.append(offset)
+            return True
+        return False
+
+    backend.fail_if = fail_large
+    config = make_config("blobcache", tmp_path / "cache", batch_size=0x40000)
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, backend)
+        async with trio.open_nursery() as nursery:
+            device.start(nursery)
+            for name in names:
+                await _read_whole(device, sup, src, name)
+            await device.close()
+
+    trio.run(main)
+    assert failed  # read-ahead was tried, and failed
 
 
 def test_deduplicated_chunks_read_once(image: Image, tmp_path: Path) -> None:
@@ -352,3 +445,39 @@ def test_localfs_backend(image: Image, tmp_path: Path) -> None:
 
     trio.run(main)
     backend.close()
+
+
+def test_warm_reads_from_the_page_cache_skip_the_worker_thread(
+    image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ready data in the page cache is read on the trio thread (preadv2 RWF_NOWAIT); when that
+    would block, the read goes to a worker thread as before."""
+    sup = image.load()
+    backend = FileBackend(image.blob_dir)
+    config = make_config("blobcache", tmp_path, batch_size=0)
+    want = image.files["text"][100:200_100]
+    threaded: list[int] = []
+    real_read_ranges = FileCache._read_ranges
+
+    def counting(self: FileCache, ranges: list[tuple[int, int]]) -> list[bytes]:
+        threaded.append(len(ranges))
+        return real_read_ranges(self, ranges)
+
+    monkeypatch.setattr(FileCache, "_read_ranges", counting)
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, backend)
+        await device.read(descs_for(sup, "text"))  # cold: fetched and written
+        assert await device.read(descs_for(sup, "text", 100, 200_000)) == want
+        assert threaded == []
+        with monkeypatch.context() as m:
+
+            def would_block(*args: object) -> int:
+                raise BlockingIOError(errno.EAGAIN, "would block")
+
+            m.setattr(os, "preadv", would_block)
+            assert await device.read(descs_for(sup, "text", 100, 200_000)) == want
+        assert threaded
+        await device.close()
+
+    trio.run(main)

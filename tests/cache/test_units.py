@@ -146,3 +146,44 @@ def test_amplify_stops_at_limits() -> None:
     extra = amplify(first, entries, 1 << 20, lambda i: True, make)
     assert [c.index for c in extra] == [2, 3, 4, 5]  # chunk 6 is a zran chunk
     assert amplify(first, entries, 0, lambda i: True, make) == []
+
+
+def test_streams_need_dense_file_after_file_reads_to_span_files() -> None:
+    from nydusfs.storage.cache.readahead import ReadSpan, Streams
+
+    streams = Streams(initial_window=1 << 20, max_window=8 << 20, gap=0x2000, back=1 << 20)
+    # Four 100 KiB files read whole, one after another: the stream spans files after three
+    # crossings, and read-ahead becomes due as soon as a read moves past the first one.
+    s, due = streams.observe(ReadSpan(0, 100_000, 1, file_start=True))
+    assert not due and not s.spans_files
+    for i in range(1, 4):
+        t, due = streams.observe(ReadSpan(i * 100_000, (i + 1) * 100_000, i + 1, True))
+        assert t is s and due
+    assert s.spans_files and s.pos == 400_000
+    # Windows double up to the maximum; the trigger sits half a window before the new end.
+    assert [streams.window_of(s) for _ in range(5)] == [1 << 20, 2 << 20, 4 << 20, 8 << 20,
+                                                         8 << 20]  # fmt: skip
+    Streams.advanced(s, 400_000 + (8 << 20), 99)
+    assert s.end == 400_000 + (8 << 20) and s.trigger == s.end - (4 << 20)
+    # A read far from every stream starts a new one.
+    u, due = streams.observe(ReadSpan(50 << 20, (50 << 20) + 10, 500, True))
+    assert u is not s and not due
+
+
+def test_sparse_file_after_file_reads_do_not_span_files() -> None:
+    """One file in twenty, read in blob order, inside a region read ahead after a false start
+    (three neighbours read in a row): the reads continue the stream, but cover too little of
+    it to go on amplifying across files."""
+    from nydusfs.storage.cache.readahead import ReadSpan, Streams
+
+    streams = Streams(initial_window=1 << 20, max_window=8 << 20, gap=0x2000, back=1 << 20)
+    s, _ = streams.observe(ReadSpan(0, 10_000, 0, file_start=True))
+    for i in range(1, 4):
+        streams.observe(ReadSpan(i * 10_000, (i + 1) * 10_000, i, file_start=True))
+    assert s.spans_files
+    Streams.advanced(s, 8 << 20, 800)  # what read-ahead claimed
+    for i in range(1, 30):
+        start = 40_000 + i * 20 * 10_000
+        t, _ = streams.observe(ReadSpan(start, start + 10_000, i * 20, file_start=True))
+        assert t is s
+    assert not s.spans_files

@@ -6,15 +6,20 @@ in between, every chunk is sorted into one of three cases:
 
 * ready in the local cache: read from the cache file (the dummy cache has none);
 * being fetched by someone else: wait on that fetch's ``Inflight`` event and take its bytes;
-* neither: *claim* it. Claimed chunks are merged into ranged backend requests (``merge.py``), and
-  amplified with the following not-ready chunks of the blob when the CI array is known.
+* neither: *claim* it. Claimed chunks are merged into ranged backend requests (``merge.py``)
+  and amplified up to the batch size: with the following chunks of the same file (the read's
+  ``hint``), and with the blob's following chunks (CI array) only when the read belongs to a
+  stream that walks the blob file after file (``readahead.py``). Such streams also read ahead:
+  the next window of chunks is claimed and fetched by background tasks.
 
 Each backend request runs in one worker thread (``trio.to_thread.run_sync`` under a
 ``CapacityLimiter``): ranged read, then per chunk decompression and verification (CRC32C when
-the chunk has one, digest when ``validate`` is on and the digest is known), then ``_persist``
-(write + ``fdatasync``). Back on the trio thread, without an await, each chunk is marked ready
-(only if persisted) and its waiters are woken with the bytes, or with the error. A failed chunk is
-never marked ready and never returned.
+the chunk has one, digest when ``validate`` is on and the digest is known). Back on the trio
+thread, without an await, the waiters are woken with the bytes, or with the error; the chunks
+stay in flight (later readers take the same bytes) while ``_persist`` writes them and calls
+``fdatasync`` in another thread, and only then are they marked ready. For a reader's fetch that
+last step runs in the background (``CacheContext.spawn``), so readers never wait for the disk.
+A failed chunk is never marked ready and never returned.
 
 Await points: ``read`` awaits the blob meta load (once per blob, only when amplifying), backend
 requests, local cache reads and other readers' fetches; ``prefetch`` awaits its ``gate``
@@ -32,7 +37,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import crc32c
@@ -48,11 +53,14 @@ from nydusfs.storage.cache.merge import (
     FetchPlan,
     amplify,
     chunk_from_entry,
+    extend,
+    following_chunks,
     max_gap,
     merge_chunks,
     plainly_fetchable,
 )
 from nydusfs.storage.cache.prefetch import Foreground
+from nydusfs.storage.cache.readahead import ReadSpan, Stream, Streams
 from nydusfs.storage.device import BlobInfo, BlobIoDesc, ChunkInfo
 from nydusfs.storage.meta import CiEntry
 from nydusfs.types import ChunkFlags
@@ -60,8 +68,13 @@ from nydusfs.types import ChunkFlags
 log = logging.getLogger(__name__)
 
 META_RETRY_SECONDS = 10.0  # after a failed blob meta load, read without amplification this long
+READAHEAD_REQUEST = 2 << 20  # least bytes per read-ahead request (and the batch size)
+READAHEAD_PARALLEL = 4  # requests a full read-ahead window is cut into
+READAHEAD_WINDOWS = (1 << 20, 32 << 20)  # first and largest read-ahead window
 
 Gate = Callable[[int], Awaitable[None]]
+# Start ``fn(*args)`` in the background; False if it cannot be started (device not running).
+Spawn = Callable[..., bool]
 ChunkResult = bytes | Exception
 
 
@@ -79,12 +92,13 @@ class CacheContext:
     local_limiter: trio.CapacityLimiter  # cache file reads, decompression of cached data
     charge: Callable[[int], None] = lambda size: None  # on-demand bytes, for prefetch's budget
     on_all_ready: Callable[[], None] = lambda: None
+    spawn: Spawn | None = None  # set while the device runs (read-ahead, cache writes)
 
 
 @dataclass(slots=True)
 class FetchResult:
-    chunks: dict[int, ChunkResult]
-    persisted: set[int]
+    chunks: dict[int, ChunkResult]  # decoded data or the error, by chunk index
+    raw: memoryview  # the bytes as fetched (what ``compressed`` caches store)
 
 
 @dataclass(slots=True)
@@ -119,6 +133,13 @@ class BlobCache(abc.ABC):
         self._meta_loaded = False  # _entries is final (None: the blob has no CI array)
         self._meta_lock = trio.Lock()
         self._meta_failed_at: float | None = None
+        # Read streams, for caches that keep what they fetch and may amplify (batch size > 0).
+        self.streams: Streams | None = None
+        batch = ctx.user_batch_size
+        if self.keeps_data and batch:
+            first, largest = READAHEAD_WINDOWS
+            self.streams = Streams(max(first, batch), max(largest, 4 * batch), max_gap(batch),
+                                   back=max(batch, 1 << 20))  # fmt: skip
 
     # --- storage hooks (blocking, run in worker threads) ---------------------------------------
     def _persist(
@@ -134,6 +155,11 @@ class BlobCache(abc.ABC):
     def _read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """``(offset, size)`` ranges of the plain data file (``fast_path`` caches only)."""
         raise AssertionError(f"{type(self).__name__} has no plain data file (fast_path off)")
+
+    def _read_ranges_nowait(self, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        """``_read_ranges`` if it can be done without blocking (all in the page cache), else
+        None. Called on the trio thread."""
+        return None
 
     def _load_meta(self) -> list[CiEntry] | None:
         """The blob's CI entries, or None if it has none."""
@@ -214,8 +240,12 @@ class BlobCache(abc.ABC):
         return self._known.get(index) or chunk_from_entry(self.blob, index, entry)
 
     # --- reading ------------------------------------------------------------------------------
-    async def read(self, descs: Sequence[BlobIoDesc]) -> bytes:
-        """The bytes of ``descs`` (all of this blob), concatenated."""
+    async def read(
+        self, descs: Sequence[BlobIoDesc], hint: Sequence[ChunkInfo] = ()
+    ) -> bytes:
+        """The bytes of ``descs`` (all of this blob), concatenated. ``hint``: the chunks of the
+        same file that follow the read, in file order (what in-file amplification and
+        read-ahead may fetch; see ``readahead.py``)."""
         self.ctx.metrics.add(total=1)
         wanted: dict[int, ChunkInfo] = {}
         for d in descs:
@@ -224,7 +254,16 @@ class BlobCache(abc.ABC):
         if self.ctx.validate:
             self._known.update(wanted)
         chunks = list(wanted.values())
-        data, fast, hits = await self._resolve(chunks)
+        stream: Stream | None = None
+        due = False
+        if chunks and self.streams is not None:
+            stream, due = self.streams.observe(_span(descs, chunks))
+            # Like the kernel's PG_readahead: only a stream that has missed, or whose earlier
+            # read-ahead is being consumed, reads ahead; walking through data cached before
+            # (prefetched, or from the last run) does not start fetching what follows it.
+            if due and not stream.window and all(self.state.is_ready(c.index) for c in chunks):
+                due = False
+        data, fast, hits = await self._resolve(chunks, hint, stream, due)
         if chunks and hits == len(chunks):
             self.ctx.metrics.add(whole_hits=1)
         elif hits:
@@ -236,9 +275,13 @@ class BlobCache(abc.ABC):
                 for d in descs
                 if d.size and d.chunk.index in fast
             ]
-            fast_parts = await trio.to_thread.run_sync(
-                self._read_ranges, ranges, limiter=self.ctx.local_limiter
-            )
+            nowait = self._read_ranges_nowait(ranges)
+            if nowait is not None:
+                fast_parts = nowait
+            else:
+                fast_parts = await trio.to_thread.run_sync(
+                    self._read_ranges, ranges, limiter=self.ctx.local_limiter
+                )
         out: list[bytes] = []
         next_fast = iter(fast_parts)
         for d in descs:
@@ -250,29 +293,50 @@ class BlobCache(abc.ABC):
                 out.append(data[d.chunk.index][d.offset : d.offset + d.size])
         return b"".join(out)
 
-    async def _resolve(self, chunks: list[ChunkInfo]) -> tuple[dict[int, bytes], set[int], int]:
-        """Make every chunk available: returns (whole chunks, fast-path indexes, cache hits)."""
+    async def _resolve(
+        self,
+        chunks: list[ChunkInfo],
+        hint: Sequence[ChunkInfo],
+        stream: Stream | None,
+        due: bool,
+    ) -> tuple[dict[int, bytes], set[int], int]:
+        """Make every chunk available: returns (whole chunks, fast-path indexes, cache hits).
+        Misses are amplified within the file (``hint``), and into the blob's following chunks
+        only when ``stream`` spans files; read-ahead is issued when ``due``."""
         data: dict[int, bytes] = {}
         fast: set[int] = set()
         hits = 0
         retried: set[int] = set()
+        cross_files = stream is not None and stream.spans_files
         entries = None
         if (
             self.amplifies
             and self.ctx.user_batch_size
-            and any(self.state.claimable(c.index) for c in chunks)
+            and cross_files
+            and (due or any(self.state.claimable(c.index) for c in chunks))
         ):
             entries = await self.entries()
         foreground = False
         pending = chunks
         try:
             while pending:
+                ready, mine, theirs = self._classify(pending)
+                if not mine and not theirs and self.fast_path and not due:
+                    # All cached and readable by range: no tasks, no threads here.
+                    fast.update(c.index for c in ready)
+                    hits += len(ready)
+                    break
                 rnd = _Round()
                 async with trio.open_nursery() as nursery:
                     # From classification to start_soon there is no await: claims are atomic and
                     # every claimed chunk is owned by a task that is sure to run.
                     ready, mine, theirs = self._classify(pending)
-                    plans = self._plan(mine, self.ctx.user_batch_size, entries, prefetch=False)
+                    plans = self._plan(
+                        mine, self.ctx.user_batch_size, entries, prefetch=False, hint=hint
+                    )
+                    if due and stream is not None:
+                        self._readahead(stream, hint, entries)
+                        due = False
                     if (plans or theirs) and not foreground:
                         self.ctx.foreground.enter()
                         foreground = True
@@ -320,8 +384,11 @@ class BlobCache(abc.ABC):
         entries: Sequence[CiEntry] | None,
         *,
         prefetch: bool,
+        hint: Sequence[ChunkInfo] = (),
     ) -> list[FetchPlan]:
-        """Merge ``chunks`` (all claimable) into requests, amplify them, claim everything."""
+        """Merge ``chunks`` (all claimable) into requests, claim them, and amplify them: the
+        last request with the file's following chunks (``hint``), then every request with the
+        blob's following chunks when ``entries`` is given."""
         if not chunks:
             return []
         ordered = sorted(chunks, key=lambda c: (c.compressed_offset, c.index))
@@ -330,14 +397,66 @@ class BlobCache(abc.ABC):
             for c in group:
                 self.state.claim(c.index, prefetch=prefetch)
         plans = []
-        for group in groups:
+        for n, group in enumerate(groups):
             extra: list[ChunkInfo] = []
-            if entries is not None:
-                extra = amplify(group, entries, batch_size, self.state.claimable, self._chunk_for)
+            if hint and n == len(groups) - 1 and self.keeps_data:
+                extra = extend(group, hint, batch_size, self.state.claimable)
                 for c in extra:
                     self.state.claim(c.index, prefetch=prefetch)
+            if entries is not None:
+                more = amplify(group + extra, entries, batch_size, self.state.claimable,
+                               self._chunk_for)  # fmt: skip
+                for c in more:
+                    self.state.claim(c.index, prefetch=prefetch)
+                extra += more
             plans.append(FetchPlan.of(group + extra, len(extra)))
         return plans
+
+    def _readahead(
+        self, stream: Stream, hint: Sequence[ChunkInfo], entries: Sequence[CiEntry] | None
+    ) -> None:
+        """Claim the next window of ``stream`` and fetch it in the background (no await).
+
+        The window covers the file's following chunks (``hint``), or the blob's when the
+        stream spans files and the CI array is known. Chunks already ready or in flight are
+        stepped over; the rest go out in a few large requests on the on-demand limiter. A
+        failed read-ahead is not an error: its waiters fetch for themselves."""
+        if self.ctx.spawn is None:
+            return  # nowhere to run it (the device was not started)
+        assert self.streams is not None
+        window = self.streams.window_of(stream)
+        limit = stream.end + window
+        candidates: Iterable[ChunkInfo]
+        if stream.spans_files and entries is not None:
+            candidates = following_chunks(entries, stream.next_index, self._chunk_for)
+        else:
+            candidates = hint
+        todo: list[ChunkInfo] = []
+        end, next_index = stream.end, stream.next_index
+        for c in candidates:
+            if c.compressed_offset < stream.end:
+                continue  # shared with data before the stream (dedup), or behind it
+            if c.compressed_offset >= limit:
+                break
+            if self.state.claimable(c.index):
+                todo.append(c)
+            end = max(end, c.compressed_offset + c.compressed_size)
+            next_index = c.index + 1
+        Streams.advanced(stream, end, next_index)
+        if not todo:
+            return
+        todo.sort(key=lambda c: (c.compressed_offset, c.index))
+        batch = self.ctx.user_batch_size
+        # Wider windows in fewer, larger requests: a few run at once, each long enough that
+        # the backend's per-request cost no longer matters.
+        size = max(batch, READAHEAD_REQUEST, window // READAHEAD_PARALLEL)
+        for group in merge_chunks(todo, size, max_gap(batch)):
+            for c in group:
+                self.state.claim(c.index, prefetch=True)
+            plan = FetchPlan.of(group, len(group))
+            if not self._spawn(self._fetch, plan, True, None, True):
+                for c in group:
+                    self.state.fail(c.index, BackendError("read-ahead not started"), retry=True)
 
     async def _join(
         self, chunk: ChunkInfo, flight: Inflight, rnd: _Round, retried: set[int]
@@ -372,38 +491,46 @@ class BlobCache(abc.ABC):
                 rnd.again.append(c)
 
     # --- fetching -----------------------------------------------------------------------------
-    async def _fetch(self, plan: FetchPlan, prefetch: bool, rnd: _Round | None) -> bool:
+    async def _fetch(
+        self, plan: FetchPlan, prefetch: bool, rnd: _Round | None, readahead: bool = False
+    ) -> bool:
         """Run one backend request and publish its chunks. Never raises ``Exception``: errors
         go to the waiters and to ``rnd``; ``Cancelled`` propagates after the claims are failed
-        as retryable. Returns True if every chunk was fetched."""
+        as retryable. Returns True if every chunk was fetched.
+
+        The waiters get the data as soon as it is decoded; writing it to the cache and marking
+        it ready (``_settle``) comes after, and for a reader's fetch it happens in the
+        background when the device runs a nursery, so a reader never waits for the disk.
+        ``prefetch`` fetches (prefetch and read-ahead) fail retryably: their waiters fetch for
+        themselves."""
         published = False
         try:
             if not prefetch:
                 self.ctx.charge(plan.size)
-            limiter = self.ctx.prefetch_limiter if prefetch else self.ctx.fetch_limiter
+            # Read-ahead is on-demand work done early: the on-demand limiter, not prefetch's.
+            on_demand = readahead or not prefetch
+            limiter = self.ctx.fetch_limiter if on_demand else self.ctx.prefetch_limiter
             result = await trio.to_thread.run_sync(self._fetch_blocking, plan, limiter=limiter)
-            # No await until every claim is resolved.
-            all_ready = False
-            ok = True
+            # No await until every claim is published or failed.
+            good: list[ChunkInfo] = []
             for c in plan.chunks:
                 r = result.chunks[c.index]
                 if isinstance(r, bytes):
-                    all_ready |= self.state.complete(c.index, r, ready=c.index in result.persisted)
+                    self.state.publish(c.index, r)
+                    good.append(c)
                     if rnd is not None:
                         rnd.data[c.index] = r
                 else:
-                    ok = False
                     self.state.fail(c.index, r, retry=prefetch)
                     if rnd is not None:
                         rnd.errors[c.index] = r
             published = True
-            ready_now = len(result.persisted)
-            if ready_now:
-                self.ctx.metrics.add(entries_count=ready_now)
-            if all_ready:
-                await trio.to_thread.run_sync(self.state.base.mark_all_ready)
-                self.ctx.on_all_ready()
-            return ok
+            # A reader's fetch leaves the write to the background; prefetch and read-ahead are
+            # background work already, and their callers count on the cache being filled.
+            background = rnd is not None and self.keeps_data
+            if good and not (background and self._spawn(self._settle, plan, result, good)):
+                await self._settle(plan, result, good)
+            return len(good) == len(plan.chunks)
         except Exception as e:
             if not isinstance(e, NydusError):
                 log.exception("%sunexpected error while fetching", self._where(plan.chunks[0]))
@@ -419,6 +546,28 @@ class BlobCache(abc.ABC):
                 for c in plan.chunks:
                     self.state.fail(c.index, cancelled, retry=True)
             raise
+
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        return self.ctx.spawn is not None and self.ctx.spawn(fn, *args)
+
+    async def _settle(self, plan: FetchPlan, result: FetchResult, good: list[ChunkInfo]) -> None:
+        """Persist the published chunks of ``plan``, then end their flights: ready if on disk.
+        Every flight is ended, whatever happens (a chunk not persisted is simply not ready)."""
+        persisted: set[int] = set()
+        all_ready = False
+        try:
+            if self.keeps_data:
+                persisted = await trio.to_thread.run_sync(
+                    self._persist, plan, result.raw, result.chunks, limiter=self.ctx.local_limiter
+                )
+        finally:
+            for c in good:
+                all_ready |= self.state.settle(c.index, ready=c.index in persisted)
+            if persisted:
+                self.ctx.metrics.add(entries_count=len(persisted))
+        if all_ready:
+            await trio.to_thread.run_sync(self.state.base.mark_all_ready)
+            self.ctx.on_all_ready()
 
     def _fetch_blocking(self, plan: FetchPlan) -> FetchResult:
         raw = self.reader.read(plan.offset, plan.size)  # logs its own failures
@@ -439,8 +588,7 @@ class BlobCache(abc.ABC):
             except NydusError as e:
                 log.error("%s", e)
                 results[c.index] = e
-        persisted = self._persist(plan, view, results)
-        return FetchResult(results, persisted)
+        return FetchResult(results, view)
 
     # --- prefetch -------------------------------------------------------------------------------
     async def prefetch(self, chunks: Sequence[ChunkInfo], gate: Gate, batch_size: int) -> int:
@@ -470,6 +618,17 @@ class BlobCache(abc.ABC):
             fetched += plan.size
             done = {c.index for c in plan.chunks}
             remaining = [c for c in remaining if c.index not in done]
+
+
+def _span(descs: Sequence[BlobIoDesc], chunks: Sequence[ChunkInfo]) -> ReadSpan:
+    last = max(chunks, key=lambda c: c.compressed_offset + c.compressed_size)
+    first = descs[0]
+    return ReadSpan(
+        start=min(c.compressed_offset for c in chunks),
+        end=last.compressed_offset + last.compressed_size,
+        last_index=last.index,
+        file_start=first.chunk.file_offset + first.offset == 0,
+    )
 
 
 def _clone(error: BaseException) -> BaseException:

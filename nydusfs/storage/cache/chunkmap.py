@@ -283,7 +283,8 @@ class IndexedChunkMap:
 
 @dataclass(eq=False)
 class Inflight:
-    """One claimed chunk: set ``event`` once, with either ``data`` or ``error``.
+    """One claimed chunk: set ``event`` once, with either ``data`` or ``error``. A chunk with
+    ``data`` may stay in flight a while longer, while it is written to the cache.
 
     ``retry`` tells waiters the failure was not theirs to report (a prefetch fetch failed, or
     the fetching reader was cancelled): they should claim the chunk and fetch it themselves.
@@ -319,14 +320,23 @@ class BlobStateMap:
         flight = self._inflight[index] = Inflight(prefetch=prefetch)
         return flight
 
-    def complete(self, index: int, data: bytes, *, ready: bool) -> bool:
-        """Hand ``data`` to the waiters; mark the chunk ready if it was persisted (the caller
-        has written and synced it). Returns True if that made every chunk ready."""
-        became_all_ready = self.base.set_ready(index) if ready else False
-        flight = self._inflight.pop(index)
+    def publish(self, index: int, data: bytes) -> None:
+        """Hand ``data`` to the waiters now. The chunk stays in flight (so nobody fetches it
+        again, and later readers get ``data`` too) until ``settle``."""
+        flight = self._inflight[index]
         flight.data = data
         flight.event.set()
-        return became_all_ready
+
+    def settle(self, index: int, *, ready: bool) -> bool:
+        """End the flight of a published chunk; mark it ready if it was persisted (the caller
+        has written and synced it). Returns True if that made every chunk ready."""
+        self._inflight.pop(index)
+        return self.base.set_ready(index) if ready else False
+
+    def complete(self, index: int, data: bytes, *, ready: bool) -> bool:
+        """``publish`` and ``settle`` at once."""
+        self.publish(index, data)
+        return self.settle(index, ready=ready)
 
     def fail(self, index: int, error: BaseException, *, retry: bool) -> None:
         """Wake the waiters with ``error``; the chunk stays not ready."""

@@ -7,7 +7,8 @@ The rules are upstream's (``storage/src/cache/mod.rs::BlobIoMergeState``,
 * Chunks are merged into one ranged read while each next chunk starts at or after the previous
   one's compressed end, with a gap of at most ``batch_size >> 7`` bytes (``RAFS_BATCH_SIZE_TO_
   GAP_SHIFT``; the gap bytes are read and dropped), and the request stays within ``batch_size``.
-* Amplification appends the chunks that follow the last one in the blob's chunk-info (CI) array
+* Amplification (``extend``) appends following chunks: the file's own (what the caller
+  passes), or those that follow the last one in the blob's chunk-info (CI) array (``amplify``)
   while the request, measured from the first chunk's compressed offset, stays within
   ``batch_size``. Upstream appends ready chunks in the middle too and strips only trailing ready
   ones; here amplification stops at the first chunk that is ready or already being fetched, so
@@ -23,7 +24,7 @@ what makes "check readiness, then claim" atomic.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from nydusfs.storage.device import BlobInfo, ChunkInfo
@@ -125,6 +126,45 @@ def plainly_fetchable(entry: CiEntry) -> bool:
     return not (entry.zran or entry.batch or entry.encrypted) and entry.compressed_size > 0
 
 
+def extend(
+    group: list[ChunkInfo],
+    candidates: Iterable[ChunkInfo],
+    batch_size: int,
+    claimable: Callable[[int], bool],
+) -> list[ChunkInfo]:
+    """The leading ``candidates`` to append to ``group``: each must be contiguous with what
+    comes before it (within the gap rule), end within ``group[0].compressed_offset +
+    batch_size`` and be ``claimable`` (neither ready nor in flight); the first that is not ends
+    the extension. ``candidates`` is consumed lazily, so it may be a long generator."""
+    if batch_size <= 0 or not group:
+        return []
+    fetch_end = group[0].compressed_offset + batch_size
+    gap = max_gap(batch_size)
+    end = max(c.compressed_offset + c.compressed_size for c in group)
+    extra: list[ChunkInfo] = []
+    for c in candidates:
+        c_end = c.compressed_offset + c.compressed_size
+        if c_end > fetch_end or not 0 <= c.compressed_offset - end <= gap:
+            break
+        if not claimable(c.index):
+            break
+        extra.append(c)
+        end = c_end
+    return extra
+
+
+def following_chunks(
+    entries: Sequence[CiEntry], first: int, make: Callable[[int, CiEntry], ChunkInfo]
+) -> Iterator[ChunkInfo]:
+    """The blob's chunks from CI index ``first`` on, up to the first one this cache cannot
+    fetch by itself (zran, batch, encrypted or empty)."""
+    for index in range(first, len(entries)):
+        entry = entries[index]
+        if not plainly_fetchable(entry):
+            return
+        yield make(index, entry)
+
+
 def amplify(
     group: list[ChunkInfo],
     entries: Sequence[CiEntry],
@@ -132,35 +172,13 @@ def amplify(
     claimable: Callable[[int], bool],
     make: Callable[[int, CiEntry], ChunkInfo],
 ) -> list[ChunkInfo]:
-    """The chunks to append to ``group`` (upstream ``_add_more_chunks`` for normal chunks).
-
-    Walks the CI array from the chunk after the group's last one and takes each chunk whose
-    compressed end is within ``group[0].compressed_offset + batch_size``, that is contiguous
-    (within the gap rule) and that ``claimable`` (neither ready nor in flight); it stops at the
-    first that is not. ``make`` builds the ``ChunkInfo`` (so callers can prefer one with a known
-    digest).
-    """
-    if batch_size <= 0 or not group:
+    """The chunks to append to ``group`` (upstream ``_add_more_chunks`` for normal chunks): the
+    ones after the group's last chunk in the CI array, by the rules of ``extend``. ``make``
+    builds the ``ChunkInfo`` (so callers can prefer one with a known digest)."""
+    if not group:
         return []
-    fetch_end = group[0].compressed_offset + batch_size
-    gap = max_gap(batch_size)
-    end = max(c.compressed_offset + c.compressed_size for c in group)
-    extra: list[ChunkInfo] = []
-    index = group[-1].index + 1
-    while index < len(entries):
-        entry = entries[index]
-        distance = entry.compressed_offset - end
-        if (
-            not plainly_fetchable(entry)
-            or entry.compressed_end > fetch_end
-            or not 0 <= distance <= gap
-            or not claimable(index)
-        ):
-            break
-        extra.append(make(index, entry))
-        end = entry.compressed_end
-        index += 1
-    return extra
+    return extend(group, following_chunks(entries, group[-1].index + 1, make), batch_size,
+                  claimable)  # fmt: skip
 
 
 def split_by_size(chunks: Sequence[ChunkInfo], batch_size: int) -> list[list[ChunkInfo]]:
