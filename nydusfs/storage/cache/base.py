@@ -440,8 +440,9 @@ class BlobCache(abc.ABC):
                 break
             if self.state.claimable(c.index):
                 todo.append(c)
-            end = max(end, c.compressed_offset + c.compressed_size)
-            next_index = c.index + 1
+            c_end = c.compressed_offset + c.compressed_size
+            if c_end >= end:  # (a deduplicated chunk may come from anywhere in the blob)
+                end, next_index = c_end, c.index + 1
         Streams.advanced(stream, end, next_index)
         if not todo:
             return
