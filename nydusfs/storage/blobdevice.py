@@ -169,15 +169,20 @@ class BlobDevice:
         return True
 
     async def close(self) -> None:
-        """Stop prefetch, refuse new reads, wait for running ones, close the cache files."""
+        """Stop prefetch, refuse new reads, wait for running ones and background work, sync
+        and close the cache files."""
         if self._closed:
             return
         self._closed = True
         await self.prefetcher.stop()
         while self._active_reads:
             await self._reads_done.wait()
+        for cache in self._unique:
+            cache.request_flush()  # pending syncs run now instead of after their delay
         while self._background:
             await self._background_done.wait()
+        for cache in self._unique:
+            await cache.sync()  # whatever was written last, so a restart finds it ready
         for cache in self._unique:
             await trio.to_thread.run_sync(cache.close_blocking)
 
@@ -276,8 +281,11 @@ class BlobDevice:
         return queued
 
     async def wait_prefetch(self) -> None:
-        """Return once every queued prefetch request has been handled (or prefetch stopped)."""
+        """Return once every queued prefetch request has been handled (or prefetch stopped),
+        and what it fetched is synced and marked in the chunk maps."""
         await self.prefetcher.join()
+        for cache in self._unique:
+            await cache.sync()
 
     def _update_all_ready(self) -> None:
         self.metrics.data_all_ready = bool(self._unique) and all(

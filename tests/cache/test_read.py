@@ -7,6 +7,7 @@ import errno
 import os
 import random
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -481,3 +482,61 @@ def test_warm_reads_from_the_page_cache_skip_the_worker_thread(
         await device.close()
 
     trio.run(main)
+
+
+def test_written_chunks_are_marked_in_the_chunk_map_only_once_synced(
+    image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetched chunk reads as ready as soon as it is written, but its bit in the chunk map
+    (what a restart trusts) is set only after the data file is synced; a failed sync forgets
+    the chunk, so it is fetched again."""
+    sup = image.load()
+    blob = sup.blobs[0]
+    backend = FileBackend(image.blob_dir)
+    config = make_config("blobcache", tmp_path, batch_size=0)
+    (text0,) = chunks_of(sup, "text")[:1]
+    syncs: list[int] = []
+    real_sync = FileCache._sync_data
+
+    def counting_sync(self: FileCache) -> None:
+        syncs.append(1)
+        real_sync(self)
+
+    monkeypatch.setattr(FileCache, "_sync_data", counting_sync)
+
+    async def main() -> None:
+        device = BlobDevice(sup.blobs, config, backend)
+        async with trio.open_nursery() as nursery:
+            device.start(nursery)
+            cache = device.cache_of(0)
+            await device.read(descs_for(sup, "text", 0, 10))
+            await _until(lambda: cache.state.is_ready(text0.index))  # written in the background
+            assert not cache.state.base.is_ready(text0.index)
+            assert syncs == []
+            await device.read(descs_for(sup, "text", 0, 10))  # from the file, not the backend
+            assert len(backend.data_reads(blob)) == 1
+            await cache.sync()
+            assert syncs == [1] and cache.state.base.is_ready(text0.index)
+            # A sync that fails: the chunk is forgotten, and the next read fetches it again.
+            small = chunks_of(sup, "small")[0]
+            await device.read(descs_for(sup, "small"))
+            await _until(lambda: cache.state.is_ready(small.index))
+            with monkeypatch.context() as m:
+
+                def failing(self: FileCache) -> None:
+                    raise OSError(errno.EIO, "injected")
+
+                m.setattr(FileCache, "_sync_data", failing)
+                await cache.sync()
+            assert not cache.state.is_ready(small.index)
+            assert await device.read(descs_for(sup, "small")) == image.files["small"]
+            assert len(backend.data_reads(blob)) == 3
+            await device.close()
+
+    trio.run(main)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not condition():
+            await trio.sleep(0.01)

@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 META_RETRY_SECONDS = 10.0  # after a failed blob meta load, read without amplification this long
 READAHEAD_REQUEST = 2 << 20  # least bytes per read-ahead request (and the batch size)
 READAHEAD_PARALLEL = 4  # requests a full read-ahead window is cut into
+# Written chunks are synced and marked ready in the chunk map this long after the first of
+# them was written, or once this many fetched bytes wait, whichever comes first.
+SYNC_DELAY = 0.5
+SYNC_BYTES = 64 << 20
 READAHEAD_WINDOWS = (1 << 20, 32 << 20)  # first and largest read-ahead window
 
 Gate = Callable[[int], Awaitable[None]]
@@ -133,6 +137,9 @@ class BlobCache(abc.ABC):
         self._meta_loaded = False  # _entries is final (None: the blob has no CI array)
         self._meta_lock = trio.Lock()
         self._meta_failed_at: float | None = None
+        self._unsynced_bytes = 0
+        self._sync_pending = False
+        self._flush_requested = trio.Event()
         # Read streams, for caches that keep what they fetch and may amplify (batch size > 0).
         self.streams: Streams | None = None
         batch = ctx.user_batch_size
@@ -145,8 +152,13 @@ class BlobCache(abc.ABC):
     def _persist(
         self, plan: FetchPlan, raw: memoryview, results: dict[int, ChunkResult]
     ) -> set[int]:
-        """Store the good chunks of ``results``; return the indexes now safely on disk."""
+        """Write the good chunks of ``results`` to the cache file; return the indexes written
+        (readable from the file, durable only after ``_sync_data``)."""
         return set()
+
+    def _sync_data(self) -> None:
+        """Make everything ``_persist`` wrote durable (``fdatasync``)."""
+        return None
 
     @abc.abstractmethod
     def _read_cached(self, chunks: Sequence[ChunkInfo]) -> dict[int, ChunkResult]:
@@ -552,20 +564,66 @@ class BlobCache(abc.ABC):
         return self.ctx.spawn is not None and self.ctx.spawn(fn, *args)
 
     async def _settle(self, plan: FetchPlan, result: FetchResult, good: list[ChunkInfo]) -> None:
-        """Persist the published chunks of ``plan``, then end their flights: ready if on disk.
-        Every flight is ended, whatever happens (a chunk not persisted is simply not ready)."""
-        persisted: set[int] = set()
-        all_ready = False
+        """Write the published chunks of ``plan`` to the cache, then end their flights: written
+        chunks read as ready at once and are marked in the chunk map after the next sync
+        (``_sync``); a chunk that could not be written is simply not ready. Every flight is
+        ended, whatever happens."""
+        written: set[int] = set()
         try:
             if self.keeps_data:
-                persisted = await trio.to_thread.run_sync(
+                written = await trio.to_thread.run_sync(
                     self._persist, plan, result.raw, result.chunks, limiter=self.ctx.local_limiter
                 )
         finally:
             for c in good:
-                all_ready |= self.state.settle(c.index, ready=c.index in persisted)
-            if persisted:
-                self.ctx.metrics.add(entries_count=len(persisted))
+                if c.index in written:
+                    self.state.written(c.index)
+                else:
+                    self.state.settle(c.index, ready=False)
+        if written:
+            self._unsynced_bytes += plan.size
+            await self._sync_soon()
+
+    async def _sync_soon(self) -> None:
+        """Have the written chunks synced and marked: after ``SYNC_DELAY`` seconds, or at once
+        when ``SYNC_BYTES`` are waiting or there is nowhere to wait in the background. One
+        ``fdatasync`` covers many requests, so no fetch waits for the disk."""
+        if self._unsynced_bytes >= SYNC_BYTES or self.ctx.spawn is None:
+            await self.sync()
+        elif not self._sync_pending and self._spawn(self._sync_later):
+            self._sync_pending = True
+        elif not self._sync_pending:
+            await self.sync()  # the device is closing
+
+    async def _sync_later(self) -> None:
+        try:
+            with trio.move_on_after(SYNC_DELAY):
+                await self._flush_requested.wait()
+        finally:
+            self._sync_pending = False
+        await self.sync()
+
+    def request_flush(self) -> None:
+        """Cut a pending ``_sync_later`` wait short (the device is closing)."""
+        self._flush_requested.set()
+
+    async def sync(self) -> None:
+        """Sync the written chunks now and mark them ready in the chunk map. A failed sync
+        forgets them (they will be fetched again) and is logged."""
+        batch = self.state.unsynced()
+        if not batch:
+            return
+        self._unsynced_bytes = 0
+        ok = True
+        try:
+            await trio.to_thread.run_sync(self._sync_data, limiter=self.ctx.local_limiter)
+        except OSError as e:
+            ok = False
+            log.warning("blob %s: cannot sync the cache file, %d chunks will be fetched again: "
+                        "%s", self.blob.blob_id, len(batch), e)  # fmt: skip
+        all_ready = self.state.synced(batch, ok=ok)
+        if ok:
+            self.ctx.metrics.add(entries_count=len(batch))
         if all_ready:
             await trio.to_thread.run_sync(self.state.base.mark_all_ready)
             self.ctx.on_all_ready()

@@ -303,16 +303,18 @@ class BlobStateMap:
     def __init__(self, base: ChunkMap) -> None:
         self.base = base
         self._inflight: dict[int, Inflight] = {}
+        # Written to the cache file, not yet synced: readable, but not yet in the map.
+        self._written: set[int] = set()
 
     def is_ready(self, index: int) -> bool:
-        return self.base.is_ready(index)
+        return index in self._written or self.base.is_ready(index)
 
     def inflight(self, index: int) -> Inflight | None:
         return self._inflight.get(index)
 
     def claimable(self, index: int) -> bool:
         """Neither ready nor being fetched: whoever claims it now must fetch it."""
-        return index not in self._inflight and not self.base.is_ready(index)
+        return index not in self._inflight and not self.is_ready(index)
 
     def claim(self, index: int, *, prefetch: bool = False) -> Inflight:
         if not self.claimable(index):
@@ -333,6 +335,28 @@ class BlobStateMap:
         self._inflight.pop(index)
         return self.base.set_ready(index) if ready else False
 
+    def written(self, index: int) -> None:
+        """End the flight of a published chunk that is in the cache file but not yet synced:
+        it reads as ready from now on, and is marked in the map by ``synced``."""
+        self._inflight.pop(index)
+        self._written.add(index)
+
+    def unsynced(self) -> frozenset[int]:
+        """The written chunks not yet synced (they stay ready while the caller syncs them)."""
+        return frozenset(self._written)
+
+    def synced(self, batch: frozenset[int], *, ok: bool) -> bool:
+        """``batch`` (from ``unsynced``) is on disk (``ok``): set its bits. If the sync failed,
+        forget the chunks instead, so they are fetched again. Returns True if that made every
+        chunk ready."""
+        all_ready = False
+        for index in batch:
+            if index in self._written:  # not cleared meanwhile
+                self._written.discard(index)
+                if ok:
+                    all_ready |= self.base.set_ready(index)
+        return all_ready
+
     def complete(self, index: int, data: bytes, *, ready: bool) -> bool:
         """``publish`` and ``settle`` at once."""
         self.publish(index, data)
@@ -348,6 +372,7 @@ class BlobStateMap:
         flight.event.set()
 
     def clear_ready(self, index: int) -> None:
+        self._written.discard(index)
         self.base.clear_ready(index)
 
     @property

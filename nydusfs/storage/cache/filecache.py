@@ -17,7 +17,9 @@ Consistency rules beyond upstream: the chunk map is reset whenever the data file
 use, someone deleted it, or a switch between ``compressed`` modes, whose other file is removed
 because the shared map cannot describe two files), or has an unexpected size (upstream refuses
 to open such a cache). Writes are ``pwrite`` then ``fdatasync``, and only then does the caller
-set the ready bits, so a crash never leaves a partly written chunk marked ready.
+set the ready bits, so a crash never leaves a partly written chunk marked ready. One sync covers
+every chunk written since the last (``BlobCache.sync``); until then, written chunks are read
+from the file (the page cache) but not yet marked in the chunk map.
 
 Concurrency: construction and ``close_blocking`` do blocking I/O (the device constructs caches
 before serving, and closes them in a thread). The storage hooks run in worker threads and only
@@ -133,8 +135,6 @@ class FileCache(BlobCache):
                 written = os.pwrite(self.fd, piece, offset)
                 if written != len(piece):
                     raise OSError(f"short write: {written} of {len(piece)} bytes at {offset:#x}")
-            # The ready bits are set by the caller after this returns: data first, durably.
-            os.fdatasync(self.fd)
         except OSError as e:
             log.warning("blob %s: cannot store chunks in %s (they stay not ready): %s",
                         self.blob.blob_id, self.data_path, e)  # fmt: skip
@@ -142,6 +142,10 @@ class FileCache(BlobCache):
         finally:
             self.ctx.metrics.add(buffered_backend_size=-amount)
         return {c.index for c in good}
+
+    def _sync_data(self) -> None:
+        # The ready bits are set by the caller after this returns: data first, durably.
+        os.fdatasync(self.fd)
 
     def _read_cached(self, chunks: Sequence[ChunkInfo]) -> dict[int, ChunkResult]:
         out: dict[int, ChunkResult] = {}
