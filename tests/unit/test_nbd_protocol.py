@@ -38,8 +38,11 @@ def _replies(events: list[P.Event]) -> list[tuple[int, int, bytes]]:
 
 
 def _go_data(name: bytes, *infos: int) -> bytes:
-    return struct.pack(">I", len(name)) + name + struct.pack(">H", len(infos)) + b"".join(
-        struct.pack(">H", i) for i in infos
+    return (
+        struct.pack(">I", len(name))
+        + name
+        + struct.pack(">H", len(infos))
+        + b"".join(struct.pack(">H", i) for i in infos)
     )
 
 
