@@ -31,6 +31,7 @@ deps:
 	@echo "deps: pip install -e '.[test,fuse]'"
 	@$(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore \
 		-e '.[test,fuse]'
+	@$(PYTHON) -m tests.nbd.guest  # the NBD guest test's kernel (Linux 6.12, cached)
 
 test: deps
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
