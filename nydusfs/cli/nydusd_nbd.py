@@ -31,6 +31,7 @@ import trio
 from nydusfs import __version__
 from nydusfs.cli.common import add_log_args, setup_logging
 from nydusfs.config import MAX_CONFIG_SIZE, ConfigV2, load_config_file, localfs_config, parse_v2
+from nydusfs.daemon.fs_service import prefetch_chunks
 from nydusfs.errors import ConfigError, NydusError
 from nydusfs.nbd.server import NbdServer, listener_address, tcp_listeners, unix_listener
 from nydusfs.rafs.blockdev import BlockDevice
@@ -142,6 +143,10 @@ async def run(args: argparse.Namespace, bootstrap: str, config: ConfigV2) -> Non
                  export_uri(args.export_name, unix, address))  # fmt: skip
         async with trio.open_nursery() as nursery:
             device.start(nursery)
+            if device.storage is not None and config.rafs.prefetch.enable:
+                # The bootstrap's prefetch table (or everything with prefetch_all), as a mount.
+                chunks = prefetch_chunks(device.sup, [], config.rafs.prefetch.prefetch_all)
+                await device.storage.prefetch_chunks(chunks)
             nursery.start_soon(server.serve, listeners)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:

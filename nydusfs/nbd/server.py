@@ -6,7 +6,8 @@ nbd driver; this server speaks the network protocol instead, so any NBD client (
 nbdcopy, nbd-client feeding the kernel's driver) can attach.
 
 Concurrency: one trio task per connection reads requests; each READ or CACHE runs in its own
-task (at most ``MAX_INFLIGHT`` per connection, and ``threads`` across the server), so a slow
+task (at most ``MAX_INFLIGHT`` and ``INFLIGHT_MIB`` of data per connection, and ``threads``
+reads at once across the server), so a slow
 fetch does not hold back the requests behind it; replies go out whole under a per-connection
 lock, in completion order (NBD matches them by cookie). The await points are the socket
 receive, ``BlockDevice.read`` (threads for fetches and decompression) and the reply send. A
@@ -34,6 +35,9 @@ from nydusfs.rafs.blockdev import BlockDevice
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 16  # requests in progress per connection; more wait before being read
+# Bytes of READ data a connection may have in progress, in 1 MiB tokens: bounds the memory one
+# client can pin with large pipelined reads (a single READ may still be MAX_PAYLOAD).
+INFLIGHT_MIB = 64
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to choose an export
 RECEIVE_SIZE = 256 * 1024
 
@@ -92,6 +96,7 @@ class _Connection:
         self.proto = P.ServerConnection(exports, default=server.export.name)
         self.send_lock = trio.Lock()
         self.slots = trio.Semaphore(MAX_INFLIGHT)
+        self.budget = trio.Semaphore(INFLIGHT_MIB)  # only the reading task acquires: no deadlock
 
     async def send(self, *parts: bytes) -> None:
         async with self.send_lock:
@@ -130,7 +135,10 @@ class _Connection:
                         return  # the nursery waits for the requests in flight
                     if isinstance(event, P.Command):
                         await self.slots.acquire()
-                        nursery.start_soon(self.command, event)
+                        tokens = _tokens(event)
+                        for _ in range(tokens):
+                            await self.budget.acquire()
+                        nursery.start_soon(self.command, event, tokens)
                 data = await self.receive()
                 if not data:
                     log.info("nbd connection %d: closed by the client", self.id)
@@ -138,7 +146,7 @@ class _Connection:
                     return
                 pending = self.proto.receive(data)
 
-    async def command(self, cmd: P.Command) -> None:
+    async def command(self, cmd: P.Command, tokens: int) -> None:
         try:
             if cmd.error:
                 log.debug("nbd connection %d: %s", self.id, cmd.message)
@@ -169,6 +177,15 @@ class _Connection:
             pass  # the client left; the reading task ends the connection
         finally:
             self.slots.release()
+            for _ in range(tokens):
+                self.budget.release()
+
+
+def _tokens(cmd: P.Command) -> int:
+    """The 1 MiB tokens a request holds while it runs (READ data; 1 for anything else)."""
+    if cmd.type != P.CMD_READ or cmd.error:
+        return 1
+    return min(INFLIGHT_MIB, max(1, (cmd.length + (1 << 20) - 1) >> 20))
 
 
 async def unix_listener(path: str) -> trio.SocketListener:

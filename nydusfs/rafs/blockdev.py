@@ -231,11 +231,18 @@ class BlockDevice:
             mapping.close()
             raise
 
+    @property
+    def storage(self) -> BlobDevice | None:
+        """The blob device behind the view (devices made by ``open``), for prefetch and metrics."""
+        return self._owned[1]
+
     def start(self, nursery: trio.Nursery) -> None:
-        """Start the storage's background work (prefetch workers), if it has any."""
+        """Start the storage's prefetch workers and, with ``cache.prefetch.enable``, queue the
+        whole of every blob (upstream's blob-level prefetch)."""
         device = self._owned[1]
         if device is not None:
             device.start(nursery)
+            nursery.start_soon(device.prefetch_blobs)
 
     async def close(self) -> None:
         """Release the storage chain and the bootstrap mapping (for devices made by ``open``)."""

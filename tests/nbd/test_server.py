@@ -8,17 +8,20 @@ matches ``nydus-image export --block``. Command-line mistakes end with one clear
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import socket
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from nydusfs.types import Compressor
-from tests.nbd.conftest import REPO, Image, nydusd_nbd, tool
+from tests.nbd.conftest import REPO, Image, nydusd_nbd, tool, uri
 
 REQUEST_MAGIC = 0x25609513
 
@@ -191,3 +194,32 @@ def test_command_line_errors(args: list[str], message: str) -> None:
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nydusd: ") and message in lines[0], lines
+
+
+def test_blob_prefetch_fills_the_cache(nbd_image, short_tmp: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With ``cache.prefetch.enable`` the whole blob is fetched with no client reading; once the
+    chunk map says so, the export reads back whole with the backend gone."""
+    image: Image = nbd_image(Compressor.LZ4_BLOCK)
+    backend = tmp_path / "backend"
+    backend.mkdir()
+    (blob,) = [b for b in image.blob_dir.iterdir() if len(b.name) == 64]
+    shutil.copyfile(blob, backend / blob.name)
+    cache = tmp_path / "cache"
+    config = tmp_path / "nydusd.json"
+    config.write_text(json.dumps({
+        "version": 2,
+        "backend": {"type": "localfs", "localfs": {"dir": str(backend)}},
+        "cache": {"type": "blobcache", "filecache": {"work_dir": str(cache)},
+                  "prefetch": {"enable": True, "threads": 2}},
+    }))  # fmt: skip
+    sock = short_tmp / "nbd.sock"
+    chunk_map = cache / f"{blob.name}.blob.data.chunk_map"
+    with nydusd_nbd(sock, "-B", str(image.bootstrap), "-C", str(config)):
+        deadline = time.monotonic() + 120
+        while not (chunk_map.exists() and chunk_map.read_bytes()[12:16] == b"PAMM"):
+            assert time.monotonic() < deadline, "prefetch did not complete the blob cache"
+            time.sleep(0.1)
+        (backend / blob.name).unlink()
+        copy = tmp_path / "copy.img"
+        subprocess.run(["nbdcopy", uri(sock), str(copy)], check=True, timeout=120)
+        assert copy.read_bytes() == image.disk.read_bytes()
