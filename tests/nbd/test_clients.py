@@ -10,18 +10,22 @@ and with the export file mounted through a loop device.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from nydusfs.types import Compressor
+from tests.fixtures_path import UPSTREAM
 from tests.helpers.erofs import kernel_has_erofs, mount_erofs
+from tests.helpers.image import snapshot_image
 from tests.helpers.registry_servers import REGISTRY_BIN, DockerRegistry
 from tests.helpers.servers import free_port, running
 from tests.helpers.tree import diff_snapshots, snapshot
 from tests.nbd.conftest import (
     Image,
+    export_block,
     nbdfuse,
     nydusd_nbd,
     require_clients,
@@ -144,3 +148,27 @@ def test_registry_backend(nbd_image, small_tree: Path, short_tmp: Path, tmp_path
             assert same_file(copy, image.disk)
     finally:
         registry.close()
+
+
+def test_upstream_image_exports_as_upstream_lays_it_out(short_tmp: Path, tmp_path: Path) -> None:
+    """An image built by upstream nydus-image (upstream's own block device test fixture): the
+    export has the size upstream's ``block_device.rs`` test expects (0x209 blocks), the kernel
+    mounts it and sees what our RAFS reader sees, and nydusd nbd serves the same bytes."""
+    boot = UPSTREAM / "rafs-v6-2.2.boot"
+    blobs = tmp_path / "blobs"  # a writable copy: the localfs shorthand puts the cache there
+    shutil.copytree(UPSTREAM / "blobs", blobs)
+    disk = tmp_path / "upstream.disk"
+    export_block(boot, disk, "-D", str(blobs))
+    data = disk.read_bytes()
+    assert len(data) == 0x209 * 4096
+    assert data[:1024] == bytes(1024) and data[1024:1028] == b"\xe2\xe1\xf5\xe0"
+    with mount_erofs(disk, tmp_path / "mnt", mode="loop") as mounted:
+        seen = snapshot(mounted)
+    expected = snapshot_image(boot, UPSTREAM / "blobs")
+    assert len(expected) > 1
+    assert diff_snapshots(expected, seen) == []
+    sock = short_tmp / "nbd.sock"
+    with nydusd_nbd(sock, "-B", str(boot), "-D", str(blobs)):
+        copy = tmp_path / "copy.img"
+        run_client("nbdcopy", uri(sock), str(copy))
+        assert same_file(copy, disk)
