@@ -30,6 +30,7 @@ import trio
 
 from nydusfs import __version__
 from nydusfs.cli.common import add_log_args, setup_logging
+from nydusfs.cli.nydusd import _single, _threads
 from nydusfs.config import MAX_CONFIG_SIZE, ConfigV2, load_config_file, localfs_config, parse_v2
 from nydusfs.daemon.fs_service import prefetch_chunks
 from nydusfs.errors import ConfigError, NydusError
@@ -39,13 +40,6 @@ from nydusfs.rafs.blockdev import BlockDevice
 log = logging.getLogger("nydusd")
 
 DEFAULT_EXPORT = "disk-default"  # upstream's BlobCacheEntry id for --bootstrap
-
-
-def _threads(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 1024:
-        raise argparse.ArgumentTypeError("must be in 1..1024")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +132,7 @@ async def run(args: argparse.Namespace, bootstrap: str, config: ConfigV2) -> Non
             listeners = await tcp_listeners(args.ipaddr, args.port)
         address = None if unix else listener_address(listeners[0])
         server = NbdServer(device, name=args.export_name, threads=args.threads,
-                           description=f"RAFS v6 image {os.path.abspath(bootstrap)}")  # fmt: skip
+                           description=f"RAFS v6 image {os.path.basename(bootstrap)}")  # fmt: skip
         log.info("serving %s (%d bytes, %d blocks) at %s", bootstrap, device.size, device.blocks,
                  export_uri(args.export_name, unix, address))  # fmt: skip
         async with trio.open_nursery() as nursery:
@@ -176,9 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bootstrap, config = image_source(args.bootstrap, args.localfs_dir, args.config)
         trio.run(run, args, bootstrap, config)
     except BaseException as e:
-        leaf = e
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
+        leaf = _single(e)
         if isinstance(leaf, NydusError | OSError | ValueError):
             print(f"nydusd: {leaf}", file=sys.stderr)
             return 1
