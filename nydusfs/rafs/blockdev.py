@@ -167,6 +167,9 @@ class BlockDevice:
         *,
         owned: tuple[BlobBackend | None, BlobDevice | None, mmap.mmap | None] = (None, None, None),
     ) -> None:
+        if sup.block_size != BLOCK_SIZE:
+            raise UnsupportedError(f"RAFS v6 images with {sup.block_size}-byte blocks (tarfs) "
+                                   "cannot be block devices")  # fmt: skip
         self.sup = sup
         self._meta = meta
         self._data = data
