@@ -112,8 +112,10 @@ def nbd_mount(boot: Path, blobs: Path, cache: Path, scratch: Path) -> Iterator[P
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--files", type=int, default=2000, help="files in the generated tree")
-    p.add_argument("--mbytes", type=int, default=200, help="MB of file data in the tree")
+    # The same defaults as the other benchmarks, so they share one generated tree.
+    p.add_argument("--files", type=int, default=20_000, help="regular files in the tree")
+    p.add_argument("--mbytes", type=int, default=500, help="MB (10^6) of file data")
+    p.add_argument("--seed", type=int, default=1, help="tree generator seed")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/nydusfs-bench"))
     p.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "none"])
     p.add_argument("--repeat", type=int, default=3)
@@ -121,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0 or shutil.which("nbdfuse") is None:
         raise SystemExit("bench: needs root and nbdfuse (libnbd-bin)")
 
-    src, n_files, n_bytes = ensure_tree(args.workdir, files=args.files, mbytes=args.mbytes, seed=1)
-    boot, blobs, disk = build_image(args.workdir / "nbd" / args.compressor, src, args.compressor)
+    workdir: Path = args.workdir.resolve()
+    src, n_files, n_bytes = ensure_tree(workdir, files=args.files, mbytes=args.mbytes,
+                                        seed=args.seed)  # fmt: skip
+    boot, blobs, disk = build_image(workdir / "nbd" / args.compressor, src, args.compressor)
     files = regular_files(src)
     times: dict[str, list[float]] = {"nbd cold": [], "nbd cached": [], "loop": []}
     checks: list[str] = []
