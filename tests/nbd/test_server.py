@@ -186,9 +186,17 @@ def test_concurrent_connections_and_pipelined_requests(served) -> None:  # type:
         (["--port", "1"], "either --bootstrap"),
         (["-B", "/nonexistent", "-D", "/tmp", "--port", "1"], "cannot open bootstrap"),
         (["-B", "x", "--port", "1"], "--bootstrap needs --localfs-dir"),
+        (["-C", "{entry}", "--port", "1"], "metadata_path: the bootstrap path is missing"),
+        (["-C", "{plain}", "--port", "1"], "--bootstrap is required with it"),
+        (["-C", "{plain}", "-D", "/tmp", "--port", "1"], "conflicts with --config"),
     ],
 )
-def test_command_line_errors(args: list[str], message: str) -> None:
+def test_command_line_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    entry = tmp_path / "entry.json"  # a BlobCacheEntry without the bootstrap's path
+    entry.write_text(json.dumps({"type": "bootstrap", "config_v2": {"version": 2}}))
+    plain = tmp_path / "nydusd.json"
+    plain.write_text(json.dumps({"version": 2, "backend": {"type": "localfs"}}))
+    args = [a.format(entry=entry, plain=plain) for a in args]
     proc = subprocess.run(tool("nydusd", "nbd", *args), capture_output=True, text=True,
                           cwd=REPO, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 1
@@ -223,3 +231,20 @@ def test_blob_prefetch_fills_the_cache(nbd_image, short_tmp: Path, tmp_path: Pat
         copy = tmp_path / "copy.img"
         subprocess.run(["nbdcopy", uri(sock), str(copy)], check=True, timeout=120)
         assert copy.read_bytes() == image.disk.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-B", "x", "-D", "y"], "only --block is supported"),
+        (["--block", "--verity", "-B", "x", "-D", "y"], "--verity"),
+        (["--block", "-C", "/nonexistent.json"], "cannot read config file"),
+        (["--block", "-B", "/nonexistent", "-D", "/tmp", "-O", "/tmp/x"], "cannot open bootstrap"),
+    ],
+)
+def test_export_command_line_errors(args: list[str], message: str) -> None:
+    proc = subprocess.run(tool("nydus-image", "export", *args), capture_output=True, text=True,
+                          cwd=REPO, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nydus-image: ") and message in lines[0], lines
