@@ -375,17 +375,18 @@ class ServerConnection:
         return [self._reply(option, REP_ACK)]  # no metadata contexts are offered
 
     # --- transmission replies --------------------------------------------------------------------
-    def read_reply(self, cmd: Command, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """The reply to a successful READ (header, then the data, to send back to back)."""
+    def read_reply(self, cmd: Command, data: bytes | bytearray) -> list[bytes | bytearray]:
+        """The reply to a successful READ: the header, then ``data`` itself (not copied), to be
+        sent back to back."""
         if not self.structured:
-            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cmd.cookie), bytes(data)]
+            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cmd.cookie), data]
         if not data:
             return [self._chunk(cmd.cookie, REPLY_TYPE_NONE, b"")]
         header = STRUCTURED_REPLY.pack(
             STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cmd.cookie,
             8 + len(data),
         )  # fmt: skip
-        return [header + struct.pack(">Q", cmd.offset), bytes(data)]
+        return [header + struct.pack(">Q", cmd.offset), data]
 
     def ok_reply(self, cmd: Command) -> bytes:
         """The reply to a successful command without data (FLUSH, CACHE)."""

@@ -72,15 +72,21 @@ class NbdServer:
         conn_id = self.served
         try:
             await _Connection(self, stream, conn_id).run()
-        except P.ProtocolError as e:
-            log.error("nbd connection %d: %s; closing it", conn_id, e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-            log.debug("nbd connection %d: the client went away", conn_id)
-        except trio.TooSlowError:
-            log.error("nbd connection %d: no export chosen in %.0fs; closing it", conn_id,
-                      self.handshake_timeout)  # fmt: skip
-        except Exception:  # a bug must not take the other connections down
-            log.exception("nbd connection %d failed", conn_id)
+        except Exception as e:
+            # The transmission phase runs in a nursery, which wraps errors in groups.
+            leaf: BaseException = e
+            while isinstance(leaf, ExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            if isinstance(leaf, P.ProtocolError):
+                log.error("nbd connection %d: %s; closing it", conn_id, leaf)
+            elif isinstance(leaf, trio.BrokenResourceError | trio.ClosedResourceError
+                            | ConnectionError):  # fmt: skip
+                log.debug("nbd connection %d: the client went away", conn_id)
+            elif isinstance(leaf, trio.TooSlowError):
+                log.error("nbd connection %d: no export chosen in %.0fs; closing it", conn_id,
+                          self.handshake_timeout)  # fmt: skip
+            else:  # a bug must not take the other connections down
+                log.exception("nbd connection %d failed", conn_id)
         finally:
             self.connections -= 1
             with contextlib.suppress(Exception):
@@ -98,7 +104,7 @@ class _Connection:
         self.slots = trio.Semaphore(MAX_INFLIGHT)
         self.budget = trio.Semaphore(INFLIGHT_MIB)  # only the reading task acquires: no deadlock
 
-    async def send(self, *parts: bytes) -> None:
+    async def send(self, *parts: bytes | bytearray) -> None:
         async with self.send_lock:
             for part in parts:
                 if part:

@@ -7,6 +7,7 @@ deterministic (no sockets, no subprocess).
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 
 import trio
@@ -99,3 +100,20 @@ def test_storage_errors_become_error_replies_and_replies_may_overtake() -> None:
                 assert await client.receive_some(100) == b""
 
     trio.run(main)
+
+
+def test_garbage_during_transmission_is_logged_as_a_protocol_error(caplog) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        server = NbdServer(FakeDevice())  # type: ignore[arg-type]
+        client, server_side = trio.testing.memory_stream_pair()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.handle, server_side)
+                await _handshake(client)
+                await client.send_all(b"\xff" * 28)
+                assert await client.receive_some(100) == b""
+
+    with caplog.at_level(logging.ERROR, logger="nydusfs.nbd.server"):
+        trio.run(main)
+    (record,) = caplog.records
+    assert "bad request magic" in record.getMessage() and record.exc_info is None
