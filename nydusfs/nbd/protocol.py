@@ -2,9 +2,11 @@
 
 Covers what a read-only export needs (https://github.com/NetworkBlockDevice/nbd, proto.md):
 the fixed newstyle handshake, the options ``EXPORT_NAME``, ``ABORT``, ``LIST``, ``INFO``,
-``GO``, ``STRUCTURED_REPLY`` and the meta-context pair (answered with no contexts), then
-transmission with ``READ``, ``FLUSH``, ``CACHE`` and ``DISC`` (writes, trims and zeroing are
-refused with EPERM). Simple replies by default, structured replies once the client asked.
+``GO``, ``STRUCTURED_REPLY`` and the meta-context pair (``base:allocation`` is offered), then
+transmission with ``READ``, ``FLUSH``, ``CACHE``, ``BLOCK_STATUS`` and ``DISC`` (writes, trims
+and zeroing are refused with EPERM). Simple replies by default, structured replies once the
+client asked. The server answers ``BLOCK_STATUS`` with ``block_status_reply`` and the device's
+data and hole runs.
 
 ``ServerConnection`` is fed the bytes a client sent (``receive``) and returns events: ``Send``
 (bytes to write back now), ``Go`` (the handshake is over: transmission starts), ``Command`` (a
@@ -60,6 +62,7 @@ OPT_SET_META_CONTEXT = 10
 REP_ACK = 1
 REP_SERVER = 2
 REP_INFO = 3
+REP_META_CONTEXT = 4
 REP_FLAG_ERROR = 1 << 31
 REP_ERR_UNSUP = REP_FLAG_ERROR | 1
 REP_ERR_INVALID = REP_FLAG_ERROR | 3
@@ -82,6 +85,7 @@ CMD_WRITE_ZEROES = 6
 CMD_BLOCK_STATUS = 7
 CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
 COMMAND_NAMES = {CMD_READ: "READ", CMD_WRITE: "WRITE", CMD_DISC: "DISC", CMD_FLUSH: "FLUSH",
                  CMD_TRIM: "TRIM", CMD_CACHE: "CACHE", CMD_WRITE_ZEROES: "WRITE_ZEROES",
                  CMD_BLOCK_STATUS: "BLOCK_STATUS"}  # fmt: skip
@@ -90,7 +94,14 @@ COMMAND_NAMES = {CMD_READ: "READ", CMD_WRITE: "WRITE", CMD_DISC: "DISC", CMD_FLU
 REPLY_FLAG_DONE = 1 << 0
 REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_BLOCK_STATUS = 5
 REPLY_TYPE_ERROR = (1 << 15) | 1
+
+# the one metadata context offered: which ranges hold data (holes read as zeros)
+BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
 
 # errors on the wire (the protocol's own numbering, which matches Linux for these)
 NBD_EPERM = 1
@@ -183,6 +194,7 @@ class ServerConnection:
         self.exports = dict(exports)
         self.default = default
         self.structured = False
+        self.allocation_context = False  # base:allocation selected by SET_META_CONTEXT
         self.export: Export | None = None
         self.no_zeroes = False
         self._state = "client_flags"
@@ -273,16 +285,20 @@ class ServerConnection:
 
         if cmd.type in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
             return bad(NBD_EPERM, f"{name}: the export is read-only")
-        if cmd.type not in (CMD_READ, CMD_FLUSH, CMD_CACHE):
+        if cmd.type == CMD_BLOCK_STATUS and not self.allocation_context:
+            return bad(NBD_EINVAL, "BLOCK_STATUS needs the base:allocation context")
+        if cmd.type not in (CMD_READ, CMD_FLUSH, CMD_CACHE, CMD_BLOCK_STATUS):
             return bad(NBD_EINVAL, f"{name} is not supported")
         allowed = CMD_FLAG_DF if cmd.type == CMD_READ and self.structured else 0
         if cmd.type == CMD_FLUSH:
             allowed = CMD_FLAG_FUA
+        if cmd.type == CMD_BLOCK_STATUS:
+            allowed = CMD_FLAG_REQ_ONE
         if cmd.flags & ~allowed:
             return bad(NBD_EINVAL, f"{name}: unsupported flags {cmd.flags:#x}")
         if cmd.type == CMD_FLUSH:
             return cmd
-        if cmd.offset + cmd.length > size:
+        if cmd.offset + cmd.length > size or (cmd.type == CMD_BLOCK_STATUS and not cmd.length):
             return bad(NBD_EINVAL, f"{name} of {cmd.length} at {cmd.offset} is past the end")
         if cmd.type == CMD_READ and cmd.length > MAX_PAYLOAD:
             error = NBD_EOVERFLOW if self.structured else NBD_EINVAL
@@ -370,9 +386,20 @@ class ServerConnection:
         parsed = _parse_name_and_list(data, 4, counted_items=True)
         if parsed is None:
             return self._error(option, REP_ERR_INVALID, "malformed meta context request")
-        if self._lookup(parsed[0]) is None:
-            return self._error(option, REP_ERR_UNKNOWN, f"no export named {parsed[0]!r}")
-        return [self._reply(option, REP_ACK)]  # no metadata contexts are offered
+        name, queries = parsed
+        if self._lookup(name) is None:
+            return self._error(option, REP_ERR_UNKNOWN, f"no export named {name!r}")
+        if option == OPT_LIST_META_CONTEXT:
+            # No query lists everything; "base:" is the namespace's wildcard.
+            wanted = not queries or any(q in (b"base:", BASE_ALLOCATION.encode()) for q in queries)
+        else:
+            wanted = BASE_ALLOCATION.encode() in queries
+            self.allocation_context = wanted
+        out: list[Event] = []
+        if wanted:
+            ctx = struct.pack(">I", BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode()
+            out.append(self._reply(option, REP_META_CONTEXT, ctx))
+        return [*out, self._reply(option, REP_ACK)]
 
     # --- transmission replies --------------------------------------------------------------------
     def read_reply(self, cmd: Command, data: bytes | bytearray) -> list[bytes | bytearray]:
@@ -387,6 +414,17 @@ class ServerConnection:
             8 + len(data),
         )  # fmt: skip
         return [header + struct.pack(">Q", cmd.offset), data]
+
+    def block_status_reply(self, cmd: Command, extents: list[tuple[int, bool]]) -> bytes:
+        """The reply to BLOCK_STATUS: ``extents`` are ``(length, is_hole)`` runs from
+        ``cmd.offset``, covering at most ``cmd.length`` bytes (one run with REQ_ONE)."""
+        if cmd.flags & CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        payload = struct.pack(">I", BASE_ALLOCATION_ID) + b"".join(
+            struct.pack(">II", length, STATE_HOLE | STATE_ZERO if hole else 0)
+            for length, hole in extents
+        )
+        return self._chunk(cmd.cookie, REPLY_TYPE_BLOCK_STATUS, payload)
 
     def ok_reply(self, cmd: Command) -> bytes:
         """The reply to a successful command without data (FLUSH, CACHE)."""

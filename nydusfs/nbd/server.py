@@ -161,6 +161,10 @@ class _Connection:
             if cmd.type == P.CMD_FLUSH:
                 await self.send(self.proto.ok_reply(cmd))
                 return
+            if cmd.type == P.CMD_BLOCK_STATUS:
+                runs = self.server.device.allocation(cmd.offset, cmd.length)
+                await self.send(self.proto.block_status_reply(cmd, runs))
+                return
             try:
                 async with self.server.limiter:
                     data = await self.server.device.read(cmd.offset, cmd.length)

@@ -188,6 +188,59 @@ class BlockDevice:
             for e in self.extents
             if e.blob is not None
         }
+        self._data_starts, self._data_ends = self._data_ranges()
+
+    def _data_ranges(self) -> tuple[list[int], list[int]]:
+        """Disjoint sorted block-aligned ranges holding data (the bootstrap and every chunk);
+        the rest of the device reads as zeros."""
+        starts: list[int] = []
+        ends: list[int] = []
+        for extent in self.extents:
+            if extent.blob is None:
+                ranges = [(extent.start, extent.end)]
+            else:
+                ranges = [
+                    (extent.start + c.uncompressed_offset,
+                     extent.start + L.align(c.uncompressed_offset + c.uncompressed_size,
+                                            BLOCK_SIZE))
+                    for c in self._chunks[extent.blob.blob_index].chunks
+                ]  # fmt: skip
+            for start, end in ranges:
+                if ends and ends[-1] == start:
+                    ends[-1] = end
+                else:
+                    starts.append(start)
+                    ends.append(end)
+        return starts, ends
+
+    def allocation(self, offset: int, size: int) -> list[tuple[int, bool]]:
+        """``(length, is_hole)`` runs covering ``[offset, offset + size)``: holes are ranges no
+        bootstrap or chunk data maps to (they read as zeros). For NBD's ``base:allocation``."""
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise OSError(errno.EINVAL, f"range of {size} bytes at {offset} is outside the device")
+        runs: list[tuple[int, bool]] = []
+
+        def add(length: int, hole: bool) -> None:
+            if length <= 0:
+                return
+            if runs and runs[-1][1] == hole:
+                runs[-1] = (runs[-1][0] + length, hole)
+            else:
+                runs.append((length, hole))
+
+        pos, end = offset, offset + size
+        i = max(0, bisect.bisect_right(self._data_starts, pos) - 1)
+        while pos < end and i < len(self._data_starts):
+            start, stop = self._data_starts[i], self._data_ends[i]
+            i += 1
+            if stop <= pos:
+                continue
+            add(min(start, end) - pos, True)
+            pos = max(pos, start)
+            add(min(stop, end) - pos, False)
+            pos = min(stop, end)
+        add(end - pos, True)
+        return runs
 
     @classmethod
     def open(cls, bootstrap: str, config: ConfigV2, id: str = "block-nbd") -> BlockDevice:
@@ -298,18 +351,20 @@ class BlockDevice:
 
 async def export(device: BlockDevice, fd: int, *, tasks: int = 4) -> None:
     """Write the whole view to ``fd`` (a regular file, already truncated to ``device.size``):
-    ``tasks`` concurrent readers, each taking the next ``EXPORT_BATCH_SIZE`` piece. All-zero
-    pieces are skipped, so holes stay sparse."""
+    ``tasks`` concurrent writers, each taking the next ``EXPORT_BATCH_SIZE`` piece. Holes (see
+    ``allocation``) are neither read nor written, so they stay sparse."""
     if os.fstat(fd).st_size != device.size:
         raise ValueError("export: the output must be truncated to the device size first")
     batches = iter(range(0, device.size, EXPORT_BATCH_SIZE))
-    zeros = bytes(EXPORT_BATCH_SIZE)
 
     async def worker() -> None:
         for pos in batches:  # a shared iterator: each piece goes to one task
-            data = await device.read(pos, min(EXPORT_BATCH_SIZE, device.size - pos))
-            if data != zeros[: len(data)]:
-                await trio.to_thread.run_sync(_pwrite_all, fd, data, pos)
+            at = pos
+            for length, hole in device.allocation(pos, min(EXPORT_BATCH_SIZE, device.size - pos)):
+                if not hole:
+                    data = await device.read(at, length)
+                    await trio.to_thread.run_sync(_pwrite_all, fd, data, at)
+                at += length
 
     async with trio.open_nursery() as nursery:
         for _ in range(max(1, tasks)):

@@ -79,6 +79,15 @@ def test_clients_read_the_export(
         assert export["export-name"] == "disk-default"  # the canonical name of the default
         listed = json.loads(run_client("nbdinfo", "--json", "--list", uri(sock)).stdout)
         assert [e["export-name"] for e in listed["exports"]] == ["disk-default"]
+        # base:allocation: the runs tile the disk, and what is reported as a hole is zeros.
+        extents = json.loads(run_client("nbdinfo", "--map", "--json", uri(sock)).stdout)
+        data = image.disk.read_bytes()
+        ends = [0] + [e["offset"] + e["length"] for e in extents]
+        assert [e["offset"] for e in extents] == ends[:-1] and ends[-1] == len(data)
+        holes = [e for e in extents if e["type"] == 3]
+        assert holes, extents  # at least the gap before the blob's mapped block address
+        for e in holes:
+            assert data[e["offset"] : e["offset"] + e["length"]].count(0) == e["length"]
 
         copy = tmp_path / "nbdcopy.img"
         run_client("nbdcopy", uri(sock), str(copy))

@@ -8,6 +8,7 @@ storage stack), placed at the device table's ``mapped_blkaddr``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import random
 from collections.abc import Sequence
@@ -188,3 +189,32 @@ def test_open_refuses_bad_sources(tmp_path: Path, small_tree: Path) -> None:
         BlockDevice.open(str(tmp_path / "junk"), localfs_config(str(tmp_path)))
     with pytest.raises(FormatError, match="cannot open"):
         BlockDevice.open(str(tmp_path / "missing"), localfs_config(str(tmp_path)))
+
+
+def test_allocation_runs_cover_the_range_and_holes_read_as_zeros(tmp_path: Path) -> None:
+    device, _ = _fake_device(tmp_path)
+    (blob,) = device.sup.blobs
+    meta_size = len((tmp_path / "boot").read_bytes())
+    start = blob.mapped_blkaddr * BLOCK_SIZE
+    # The bootstrap, the alignment gap, then two chunks (the second one's block counts whole).
+    assert device.allocation(0, device.size) == [
+        (meta_size, False), (start - meta_size, True), (2 * BLOCK_SIZE, False),
+    ]  # fmt: skip
+    assert device.allocation(meta_size - 1, 2) == [(1, False), (1, True)]
+    assert device.allocation(start + 10, 5) == [(5, False)]
+    assert device.allocation(5, 0) == []
+    rng = random.Random(3)
+    for _ in range(30):
+        offset = rng.randrange(device.size)
+        size = rng.randrange(device.size - offset + 1)
+        runs = device.allocation(offset, size)
+        assert sum(length for length, _ in runs) == size
+        assert all(a[1] != b[1] for a, b in itertools.pairwise(runs))  # merged
+        data = trio.run(device.read, offset, size)
+        pos = 0
+        for length, hole in runs:
+            if hole:
+                assert data[pos : pos + length] == bytes(length)
+            pos += length
+    with pytest.raises(OSError, match="outside the device"):
+        device.allocation(device.size, 1)

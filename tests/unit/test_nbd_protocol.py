@@ -183,16 +183,50 @@ def test_structured_replies() -> None:
     assert isinstance(big, P.Command) and big.error in (P.NBD_EINVAL, P.NBD_EOVERFLOW)
 
 
-def test_meta_context_needs_structured_replies_and_offers_none() -> None:
-    query = struct.pack(">I", 4) + b"disk" + struct.pack(">I", 1)
-    query += struct.pack(">I", 15) + b"base:allocation"
+def _meta_query(*queries: bytes, name: bytes = b"disk") -> bytes:
+    out = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+    return out + b"".join(struct.pack(">I", len(q)) + q for q in queries)
+
+
+def test_meta_contexts_offer_base_allocation() -> None:
     conn = _conn()
+    query = _meta_query(b"base:allocation")
     (reply,) = _replies(conn.receive(_option(P.OPT_SET_META_CONTEXT, query)))
-    assert reply[1] == (1 << 31) | 3
+    assert reply[1] == (1 << 31) | 3  # ERR_INVALID: structured replies first
     conn.receive(_option(P.OPT_STRUCTURED_REPLY))
-    assert _replies(conn.receive(_option(P.OPT_SET_META_CONTEXT, query))) == [(10, 1, b"")]
-    (reply,) = _replies(conn.receive(_option(P.OPT_LIST_META_CONTEXT, query[:-3])))
-    assert reply[1] == (1 << 31) | 3
+    context = (4, struct.pack(">I", 1) + b"base:allocation")  # REP_META_CONTEXT: id, name
+    listed = _replies(conn.receive(_option(P.OPT_LIST_META_CONTEXT, _meta_query())))
+    assert [(k, d) for _, k, d in listed] == [context, (1, b"")]
+    listed = _replies(conn.receive(_option(P.OPT_LIST_META_CONTEXT, _meta_query(b"qemu:x"))))
+    assert [(k, d) for _, k, d in listed] == [(1, b"")]
+    (reply,) = _replies(conn.receive(_option(P.OPT_SET_META_CONTEXT, query[:-3])))
+    assert reply[1] == (1 << 31) | 3  # truncated query
+    (reply,) = _replies(conn.receive(_option(P.OPT_SET_META_CONTEXT, _meta_query(name=b"x"))))
+    assert reply[1] == (1 << 31) | 6  # unknown export
+    selected = _replies(conn.receive(_option(P.OPT_SET_META_CONTEXT, query)))
+    assert [(k, d) for _, k, d in selected] == [context, (1, b"")]
+    assert conn.allocation_context
+
+
+def test_block_status() -> None:
+    conn = _transmitting()  # no context selected
+    (cmd,) = conn.receive(_request(P.CMD_BLOCK_STATUS, 0, 4096))
+    assert isinstance(cmd, P.Command) and cmd.error == P.NBD_EINVAL
+    conn = _conn()
+    conn.receive(_option(P.OPT_STRUCTURED_REPLY))
+    conn.receive(_option(P.OPT_SET_META_CONTEXT, _meta_query(b"base:allocation")))
+    conn.receive(_option(P.OPT_GO, _go_data(b"")))
+    (cmd,) = conn.receive(_request(P.CMD_BLOCK_STATUS, 4096, 8192, flags=P.CMD_FLAG_REQ_ONE))
+    assert isinstance(cmd, P.Command) and cmd.error == 0
+    reply = conn.block_status_reply(cmd, [(4096, False), (4096, True)])
+    assert struct.unpack_from(">IHHQI", reply) == (0x668E33EF, 1, 5, 7, 12)
+    assert reply[20:] == struct.pack(">III", 1, 4096, 0)  # REQ_ONE: the first run only
+    (cmd,) = conn.receive(_request(P.CMD_BLOCK_STATUS, 0, 8192))
+    assert isinstance(cmd, P.Command)
+    reply = conn.block_status_reply(cmd, [(4096, False), (4096, True)])
+    assert reply[20:] == struct.pack(">IIIII", 1, 4096, 0, 4096, 3)  # hole | zero
+    (cmd,) = conn.receive(_request(P.CMD_BLOCK_STATUS, 0, 0))
+    assert isinstance(cmd, P.Command) and cmd.error == P.NBD_EINVAL
 
 
 def test_wire_errno_maps_unknown_errors_to_eio() -> None:
