@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from nydusfs import __version__
-from nydusfs.cli import image_tools
+from nydusfs.cli import image_export, image_tools
 from nydusfs.cli.common import setup_logging
 from nydusfs.errors import NydusError
 from nydusfs.types import Compressor, Digester
@@ -155,10 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _create_parser(sub)
     image_tools.add_parsers(sub)
+    image_export.add_parser(sub)
     return parser
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"create": cmd_create}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "create": cmd_create,
+    "export": image_export.cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
