@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from nydusfs import __version__
-from nydusfs.cli import image_tools
+from nydusfs.cli import image_merge, image_tools
 from nydusfs.cli.common import setup_logging
 from nydusfs.errors import NydusError
 from nydusfs.types import Compressor, Digester
@@ -154,11 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"nydus-image {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _create_parser(sub)
+    image_merge.add_parser(sub)
     image_tools.add_parsers(sub)
     return parser
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"create": cmd_create}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "create": cmd_create,
+    "merge": image_merge.cmd_merge,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

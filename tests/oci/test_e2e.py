@@ -1,0 +1,118 @@
+"""The headline workflow on real tools: an OCI image built with debootstrap and umoci, pushed by
+skopeo to Debian's docker-registry, converted by ``nydusify convert``, mounted by
+``nydusd --image`` straight from the registry; the mounted tree must equal ``umoci unpack``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+from nydusfs.oci import (
+    ANNOTATION_NYDUS_BLOB,
+    ANNOTATION_NYDUS_BOOTSTRAP,
+    ANNOTATION_NYDUS_FS_VERSION,
+    ANNOTATION_UNCOMPRESSED,
+    MEDIA_NYDUS_BLOB,
+    MEDIA_OCI_LAYER_GZIP,
+    MEDIA_OCI_MANIFEST,
+)
+from tests.helpers.registry_servers import DockerRegistry
+from tests.helpers.tree import diff_snapshots, snapshot
+from tests.mount.nydusd_proc import nydusd, write_config
+from tests.oci.conftest import NYDUS_TAG, SOURCE_REPO, DebianImage, run_cli
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
+
+
+def _manifest(registry: DockerRegistry, tag: str) -> dict:
+    resp = requests.get(
+        f"{registry.url}/v2/{SOURCE_REPO}/manifests/{tag}",
+        headers={"Accept": MEDIA_OCI_MANIFEST}, timeout=10,
+    )  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["Content-Type"] == MEDIA_OCI_MANIFEST
+    return resp.json()
+
+
+def test_mounted_from_registry_equals_umoci_unpack(
+    debian_image: DebianImage, nydus_ref: str, tmp_path: Path
+) -> None:
+    work = tmp_path / "cache"
+    config = write_config(tmp_path / "nydusd.json", {
+        "version": 2,
+        "cache": {"type": "blobcache", "filecache": {"work_dir": str(work)}},
+        "rafs": {"enable_xattr": True},
+    })  # fmt: skip
+    mnt = tmp_path / "mnt"
+    with nydusd("--image", f"http://{nydus_ref}", "--config", str(config), mountpoint=mnt,
+                timeout=60):  # fmt: skip
+        mounted = snapshot(mnt)
+    assert diff_snapshots(debian_image.reference, mounted) == []
+    # The image is realistic: thousands of files, hard links, xattrs, special modes.
+    ref = debian_image.reference
+    assert len(ref) > 4000
+    assert ref[b"/opt/app/blob.bin"]["hardlink"] == ref[b"/opt/app/blob.link"]["hardlink"]
+    assert ref[b"/opt/app/blob.bin"]["xattrs"] == {b"user.origin": b"layer3"}
+    assert ref[b"/opt/app/run"]["mode"] == 0o4755
+    assert ref[b"/usr/share/locale/locale.alias"]["type"] == "reg"
+    assert [p for p in ref if p.startswith(b"/usr/share/locale/")] == [
+        b"/usr/share/locale/locale.alias"
+    ]
+    assert b"/etc/motd" not in ref and b"/etc/motd.renamed" in ref
+    assert b"/usr/share/common-licenses" not in ref and b"/usr/share/licenses/GPL-3" in ref
+    assert ref[b"/etc/cron.daily"]["type"] == "reg" and ref[b"/etc/hostname"]["type"] == "dir"
+    assert not [p for p in ref if b"/.wh." in p]
+    # Lazily: the cache holds what the walk read, fetched from the registry's blobs.
+    assert any(p.name.endswith(".blob.data") for p in work.iterdir())
+
+
+def test_manifest_has_upstream_media_types(
+    source_ref: str, nydus_ref: str, registry: DockerRegistry
+) -> None:
+    manifest = _manifest(registry, NYDUS_TAG)
+    source = _manifest(registry, source_ref.rsplit(":", 1)[1])
+    layers = manifest["layers"]
+    assert len(layers) == len(source["layers"]) + 1  # every layer has data here
+    for desc in layers[:-1]:
+        assert desc["mediaType"] == MEDIA_NYDUS_BLOB
+        assert desc["annotations"] == {ANNOTATION_NYDUS_BLOB: "true"}
+        data = requests.get(f"{registry.url}/v2/{SOURCE_REPO}/blobs/{desc['digest']}",
+                            timeout=30).content  # fmt: skip
+        assert len(data) == desc["size"]
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == desc["digest"]
+    boot = layers[-1]
+    assert boot["mediaType"] == MEDIA_OCI_LAYER_GZIP
+    assert boot["annotations"][ANNOTATION_NYDUS_BOOTSTRAP] == "true"
+    assert boot["annotations"][ANNOTATION_NYDUS_FS_VERSION] == "6"
+    config = requests.get(
+        f"{registry.url}/v2/{SOURCE_REPO}/blobs/{manifest['config']['digest']}", timeout=10
+    ).json()
+    assert config["rootfs"]["diff_ids"] == [
+        *(d["digest"] for d in layers[:-1]), boot["annotations"][ANNOTATION_UNCOMPRESSED]
+    ]
+    assert config["config"]["Cmd"] == ["/bin/bash"]
+    # A second real client reads it: skopeo sees the same layers.
+    out = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{nydus_ref}"],
+        capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert json.loads(out)["layers"] == layers
+
+
+def test_nydusd_refuses_a_plain_oci_image(source_ref: str, tmp_path: Path) -> None:
+    proc = run_cli("nydusd", "--image", f"http://{source_ref}", "--mountpoint",
+                   str(tmp_path / "mnt"), check=False, timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert b"is not a nydus image" in proc.stderr
+
+
+def test_nydusd_reports_a_missing_tag(registry: DockerRegistry, tmp_path: Path) -> None:
+    proc = run_cli("nydusd", "--image", f"http://{registry.host}/{SOURCE_REPO}:no-such-tag",
+                   "--mountpoint", str(tmp_path / "mnt"), check=False, timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert b"no such manifest" in proc.stderr
