@@ -77,6 +77,15 @@ def _parse_json(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+def _media_of(data: bytes, what: str) -> str:
+    """The media type a manifest declares, or what its shape says (the field is optional)."""
+    doc = _parse_json(data, what)
+    media = doc.get("mediaType")
+    if isinstance(media, str) and media:
+        return media
+    return MEDIA_OCI_INDEX if "manifests" in doc else MEDIA_OCI_MANIFEST
+
+
 def _hex_of(digest: str) -> str:
     algo, _, hexpart = digest.partition(":")
     if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
@@ -224,7 +233,7 @@ class RegistryStore(ImageStore):
         data = resp.content
         media = resp.headers.get("Content-Type", "").split(";")[0].strip()
         if not media or media in ("application/json", "text/plain"):
-            media = str(_parse_json(data, f"manifest {reference}").get("mediaType", ""))
+            media = _media_of(data, f"manifest {reference}")
         digest = sha256_digest(data)
         if reference.startswith("sha256:") and reference != digest:
             raise ImageError(f"manifest {reference}: content digest is {digest}")
@@ -397,7 +406,7 @@ class LayoutStore(ImageStore):
             desc = found[-1]
         digest = str(desc.get("digest", ""))
         data = self.read_blob(digest)
-        media = str(desc.get("mediaType") or _parse_json(data, digest).get("mediaType", ""))
+        media = str(desc.get("mediaType") or _media_of(data, f"manifest {digest}"))
         return Manifest(data, media, digest)
 
     def fetch_blob(

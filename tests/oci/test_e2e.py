@@ -4,14 +4,19 @@ skopeo to Debian's docker-registry, converted by ``nydusify convert``, mounted b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from nydusfs.cli.nydusify import progress_bars
 from nydusfs.oci import (
     ANNOTATION_NYDUS_BLOB,
     ANNOTATION_NYDUS_BOOTSTRAP,
@@ -21,7 +26,11 @@ from nydusfs.oci import (
     MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_MANIFEST,
 )
-from tests.helpers.registry_servers import DockerRegistry
+from nydusfs.oci.bootstrap import bootstrap_descriptor, extract_bootstrap
+from nydusfs.oci.reference import parse_reference
+from nydusfs.oci.store import LayoutStore
+from tests.helpers.image import snapshot_image
+from tests.helpers.registry_servers import DockerRegistry, basic_auth
 from tests.helpers.tree import diff_snapshots, snapshot
 from tests.mount.nydusd_proc import nydusd, write_config
 from tests.oci.conftest import NYDUS_TAG, SOURCE_REPO, DebianImage, run_cli
@@ -116,3 +125,68 @@ def test_nydusd_reports_a_missing_tag(registry: DockerRegistry, tmp_path: Path) 
                    "--mountpoint", str(tmp_path / "mnt"), check=False, timeout=60)  # fmt: skip
     assert proc.returncode == 1
     assert b"no such manifest" in proc.stderr
+
+
+def test_convert_layout_to_layout(debian_image: DebianImage, tmp_path: Path) -> None:
+    """No registry: an OCI layout directory in, a nydus image in another layout out."""
+    out = tmp_path / "nydus-layout"
+    run_cli("nydusify", "convert", "--source", f"oci:{debian_image.layout}:v1",
+            "--target", f"oci:{out}:nydus", "--output-json", str(tmp_path / "sum.json"),
+            )  # fmt: skip
+    summary = json.loads((tmp_path / "sum.json").read_text())
+    store = LayoutStore(parse_reference(f"oci:{out}:nydus"))
+    manifest = store.get_manifest("nydus").json()
+    assert manifest["layers"][-1]["digest"] not in summary["blobs"]
+    desc = bootstrap_descriptor(manifest, "layout")
+    extract_bootstrap(store.read_blob(desc["digest"], 1 << 30), str(tmp_path / "image.boot"), "x")
+    image = snapshot_image(tmp_path / "image.boot", out / "blobs" / "sha256")
+    assert diff_snapshots(debian_image.reference, image) == []
+
+
+def test_push_with_credentials(debian_image: DebianImage, tmp_path: Path) -> None:
+    """Pushes authenticate like lazy reads: IMAGE_PULL_AUTH against an htpasswd registry."""
+    reg = DockerRegistry(tmp_path, auth="htpasswd", users={"alice": "s3cret"})
+    try:
+        target = f"http://{reg.host}/secure/debian:nydus"
+        args = ("convert", "--source", f"oci:{debian_image.layout}:v1", "--target", target)
+        env = {"IMAGE_PULL_AUTH": ""}
+        with _env(env):
+            proc = run_cli("nydusify", *args, check=False)
+        assert proc.returncode == 1 and b"requires credentials" in proc.stderr
+        with _env({"IMAGE_PULL_AUTH": basic_auth("alice", "s3cret")}):
+            run_cli("nydusify", *args)
+        resp = requests.get(f"{reg.url}/v2/secure/debian/manifests/nydus",
+                            headers={"Accept": MEDIA_OCI_MANIFEST}, auth=("alice", "s3cret"),
+                            timeout=10)  # fmt: skip
+        assert resp.status_code == 200 and len(resp.json()["layers"]) == 4
+    finally:
+        reg.close()
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_progress_bars_only_on_a_terminal() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert progress_bars(io.StringIO()) is None
+    out = Tty()
+    factory = progress_bars(out)
+    assert factory is not None
+    show = factory("push blob", 4 << 20)
+    show(1 << 20)
+    show(4 << 20)
+    assert "push blob" in out.getvalue() and "100.0%" in out.getvalue()
