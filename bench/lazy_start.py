@@ -243,8 +243,7 @@ def run_nydus(proxy: ThrottlingProxy, ref: str, files: list[str], work: Path,
     work.mkdir(parents=True)
     config = write_config(work / "nydusd.json", {
         "version": 2,
-        "backend": {"type": "registry", "registry": {"scheme": "http", "host": "-", "repo": "-",
-                                                     "timeout": 60}},
+        "backend": {"type": "registry", "registry": {"scheme": "http", "timeout": 60}},
         "cache": {"type": "blobcache", "filecache": {"work_dir": str(work / "cache")}},
         "rafs": {"enable_xattr": True, "batch_size": batch_size},
     })  # fmt: skip

@@ -91,11 +91,12 @@ def mount_commands(args: argparse.Namespace) -> list[MountCmd]:
     if args.image:
         if args.bootstrap or args.localfs_dir:
             raise ConfigError("--image conflicts with --bootstrap and --localfs-dir")
-        from nydusfs.oci.bootstrap import prepare_image
+        from nydusfs.oci.bootstrap import load_image_config, prepare_image
         from nydusfs.oci.reference import parse_reference
 
-        base = load_config_file(args.config) if args.config else None
-        args.bootstrap, image_config = prepare_image(parse_reference(args.image), base)
+        ref = parse_reference(args.image)
+        base = load_image_config(args.config, ref) if args.config else None
+        args.bootstrap, image_config = prepare_image(ref, base)
     if args.prefetch_files and not args.bootstrap:
         raise ConfigError("--prefetch-files requires --bootstrap")
     if not args.bootstrap:

@@ -8,7 +8,8 @@ directory as ``<manifest digest>.boot``. Data blobs are not downloaded: the retu
 a ``registry`` backend for the image's repository, so file data is fetched lazily, chunk by
 chunk, through the blob cache.
 
-Config rules: with a user config, its registry settings (scheme, auth, TLS, timeouts, proxy,
+Config rules: with a user config (``load_image_config``: its registry section may leave out
+``host`` and ``repo``), its registry settings (scheme, auth, TLS, timeouts, proxy,
 mirrors), cache and rafs sections are kept, and the host and repository come from the
 reference; a config with another backend type is an error. Without one, a registry backend, a
 ``blobcache`` in ``$TMPDIR/nydusd-<image>`` and xattrs on (images carry file capabilities) are
@@ -22,21 +23,25 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import json
 import logging
 import os
 import tarfile
 import tempfile
+import tomllib
 import zlib
 from typing import Any
 
 from nydusfs.atomicfile import atomic_write
 from nydusfs.config import (
+    MAX_CONFIG_SIZE,
     BackendConfig,
     CacheConfig,
     ConfigV2,
     FileCacheConfig,
     RafsConfig,
     RegistryConfig,
+    load_config,
 )
 from nydusfs.errors import ConfigError
 from nydusfs.oci import (
@@ -122,6 +127,41 @@ def image_config(ref: ImageRef, base: ConfigV2 | None, insecure: bool = False) -
     return dataclasses.replace(base, backend=BackendConfig("registry", registry))
 
 
+def load_image_config(path: str, ref: ImageRef) -> ConfigV2:
+    """A config file for ``--image``: the registry backend may leave out ``host`` and ``repo``
+    (the reference gives them), which a config file for a plain mount must have."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_CONFIG_SIZE + 1).decode()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            data = None  # let the config loader report what is wrong with it
+    if isinstance(data, dict):
+        if "version" in data:  # v2: backend.registry
+            backend = data.get("backend")
+            section = backend.get("registry") if isinstance(backend, dict) else None
+        else:  # v1: device.backend.config
+            backend = (data.get("device") or {}).get("backend")
+            section = backend.get("config") if isinstance(backend, dict) else None
+        if isinstance(backend, dict) and backend.get("type") == "registry":
+            if not isinstance(section, dict):
+                section = {}
+                backend["registry" if "version" in data else "config"] = section
+            section.setdefault("host", ref.host)
+            section.setdefault("repo", ref.repo)
+            text = json.dumps(data)
+    try:
+        return load_config(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def _work_dir(config: ConfigV2) -> str:
     filecache = config.cache.filecache
     if filecache is not None and filecache.work_dir:
@@ -147,7 +187,7 @@ def prepare_image(
             raise ImageError(f"{ref}: bootstrap layer of {size} bytes is too large")
         layer = store.read_blob(str(desc.get("digest", "")), BOOTSTRAP_LAYER_LIMIT)
         # The backend followed the scheme decision (https, or http after a fallback).
-        if not store.backend._https and settings.scheme != "http":
+        if not store.https and settings.scheme != "http":
             settings.scheme = "http"
     work_dir = _work_dir(config)
     os.makedirs(work_dir, exist_ok=True)

@@ -50,7 +50,14 @@ from nydusfs.oci import (
     MEDIA_OCI_MANIFEST,
 )
 from nydusfs.oci.reference import ImageRef
-from nydusfs.oci.store import ImageError, ImageStore, LayoutStore, open_store, sha256_digest
+from nydusfs.oci.store import (
+    ImageError,
+    ImageStore,
+    LayoutStore,
+    RegistryStore,
+    open_store,
+    sha256_digest,
+)
 from nydusfs.rafs.builder.build import BuildOptions, build
 from nydusfs.rafs.builder.merge import MergeOptions, merge
 from nydusfs.types import Compressor, Digester
@@ -156,6 +163,8 @@ class Converter:
     def _convert(self, src: ImageStore, dst: ImageStore, work: str) -> ConvertResult:
         opts = self.opts
         started = time.monotonic()
+        if isinstance(dst, RegistryStore):
+            dst.check_push()
         manifest = src.get_manifest(opts.source.reference, opts.platform).json()
         config_desc = manifest.get("config") or {}
         layers = manifest.get("layers")

@@ -200,11 +200,14 @@ class RegistryStore(ImageStore):
             timeout=timeout, connect_timeout=10, retry_limit=2,
         )  # fmt: skip
         self.backend = RegistryBackend(config, id=f"oci-{ref.host}/{ref.repo}")
+        # Whether requests go over https; false from the start for http:// references, and
+        # after a TLS failure of an insecure registry.
+        self.https = scheme != "http"
+        self._may_fall_back = insecure and not ref.scheme
 
     def _url(self, path: str) -> str:
-        # Asking the backend for a blob URL applies its scheme decision (https or fallback).
-        base = self.backend.blob_url("0" * 64).split("/v2/", 1)[0]
-        return f"{base}/v2/{self.ref.repo}/{path}"
+        scheme = "https" if self.https else "http"
+        return f"{scheme}://{self.ref.host}/v2/{self.ref.repo}/{path}"
 
     def _call(self, method: str, path_or_url: str, headers: dict[str, str] | None = None,
               *, data: Any = None, stream: bool = False) -> Any:  # fmt: skip
@@ -212,14 +215,28 @@ class RegistryStore(ImageStore):
         try:
             return self.backend.request(method, url, headers or {}, data=data, stream=stream)
         except BackendError as e:
-            if self.backend._https and self.ref.scheme == "" and self.backend._skip_verify:
-                # The backend's own http fallback only runs for blob reads: do it here too.
-                text = str(e).lower()
-                if any(m in text for m in ("wrong version number", "ssl", "connection refused")):
-                    log.warning("%s: falling back to http after TLS error: %s", self.ref.host, e)
-                    self.backend._https = False
-                    return self._call(method, path_or_url, headers, data=data, stream=stream)
+            text = str(e).lower()
+            if self.https and self._may_fall_back and "://" not in path_or_url and any(
+                m in text for m in ("wrong version number", "ssl", "connection refused")
+            ):
+                # An insecure registry without TLS: plain http from now on (the registry
+                # backend does the same for blob reads).
+                log.warning("%s: falling back to http after TLS error: %s", self.ref.host, e)
+                self.https = False
+                return self._call(method, path_or_url, headers, data=data, stream=stream)
             raise ImageError(f"{self.ref.host}/{self.ref.repo}: {method} failed: {e}") from e
+
+    def check_push(self) -> None:
+        """Fail early, before any work, when the repository refuses uploads: start one and
+        cancel it."""
+        resp = self._call("POST", "blobs/uploads/")
+        if resp.status_code != 202 or "Location" not in resp.headers:
+            raise ImageError(
+                f"{self.ref.host}/{self.ref.repo}: cannot push here (starting an upload "
+                f"answered {resp.status_code}: {body_excerpt(resp)})"
+            )
+        location = urljoin(self._url("blobs/uploads/"), resp.headers["Location"])
+        self._call("DELETE", location).close()
 
     def _get_manifest(self, reference: str) -> Manifest:
         resp = self._call("GET", f"manifests/{reference}", {"Accept": _ACCEPT})

@@ -153,6 +153,7 @@ def test_push_with_credentials(debian_image: DebianImage, tmp_path: Path) -> Non
         with _env(env):
             proc = run_cli("nydusify", *args, check=False)
         assert proc.returncode == 1 and b"requires credentials" in proc.stderr
+        assert b"layer 0" not in proc.stderr  # refused before any layer was built
         with _env({"IMAGE_PULL_AUTH": basic_auth("alice", "s3cret")}):
             run_cli("nydusify", *args)
         resp = requests.get(f"{reg.url}/v2/secure/debian/manifests/nydus",
@@ -190,3 +191,26 @@ def test_progress_bars_only_on_a_terminal() -> None:
     show(1 << 20)
     show(4 << 20)
     assert "push blob" in out.getvalue() and "100.0%" in out.getvalue()
+
+
+def test_insecure_registry_falls_back_to_http(
+    debian_image: DebianImage, registry: DockerRegistry, tmp_path: Path
+) -> None:
+    """No scheme in the references: https first, plain http after the TLS failure, for the
+    push (--target-insecure) and for nydusd (a config with skip_verify)."""
+    target = f"{registry.host}/test/insecure:nydus"
+    run_cli("nydusify", "convert", "--source", f"oci:{debian_image.layout}:v1", "--target",
+            target, "--target-insecure")  # fmt: skip
+    config = write_config(tmp_path / "nydusd.json", {
+        "version": 2,
+        "backend": {"type": "registry", "registry": {"scheme": "", "skip_verify": True}},
+        "cache": {"type": "blobcache", "filecache": {"work_dir": str(tmp_path / "cache")}},
+        "rafs": {"enable_xattr": True},
+    })  # fmt: skip
+    with nydusd("--image", target, "--config", str(config), mountpoint=tmp_path / "mnt",
+                timeout=60):  # fmt: skip
+        data = (tmp_path / "mnt/opt/app/blob.bin").read_bytes()
+        release = (tmp_path / "mnt/etc/os-release").read_bytes()
+    expected = debian_image.reference[b"/opt/app/blob.bin"]["sha256"]
+    assert hashlib.sha256(data).hexdigest() == expected
+    assert release.endswith(b'VARIANT="nydusfs test layer"\n')

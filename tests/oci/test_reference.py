@@ -9,7 +9,12 @@ import pytest
 
 from nydusfs.errors import ConfigError
 from nydusfs.oci import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST
-from nydusfs.oci.bootstrap import bootstrap_descriptor, extract_bootstrap, image_config
+from nydusfs.oci.bootstrap import (
+    bootstrap_descriptor,
+    extract_bootstrap,
+    image_config,
+    load_image_config,
+)
 from nydusfs.oci.reference import DOCKER_HUB, ImageRef, parse_reference
 from nydusfs.oci.store import ImageError, LayoutStore, pick_platform, sha256_digest
 
@@ -112,3 +117,23 @@ def test_image_config_rules() -> None:
 
     with pytest.raises(ConfigError, match="needs a registry backend"):
         image_config(ref, localfs_config("/tmp"))
+
+
+def test_image_config_file_may_leave_out_host_and_repo(tmp_path: Path) -> None:
+    ref = parse_reference("http://127.0.0.1:5000/app:v1")
+    toml = tmp_path / "c.toml"
+    toml.write_text('version = 2\n[backend]\ntype = "registry"\n[backend.registry]\n'
+                    'timeout = 9\n[cache]\ntype = "blobcache"\n')  # fmt: skip
+    v1 = tmp_path / "c.json"
+    v1.write_text(json.dumps({"device": {"backend": {"type": "registry", "config": {}}}}))
+    for path in (toml, v1):
+        config = image_config(ref, load_image_config(str(path), ref))
+        assert config.backend is not None
+        assert (config.backend.settings.host, config.backend.settings.repo) == (
+            "127.0.0.1:5000", "app"
+        )
+    assert config.backend.settings.timeout != 9  # the v1 file did not set it
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 2, "cache": {"type": "nope"}}')
+    with pytest.raises(ConfigError, match=r"bad\.json: cache\.type"):
+        load_image_config(str(bad), ref)
