@@ -20,19 +20,13 @@ from typing import TextIO
 
 from nydusfs import __version__
 from nydusfs.cli.common import add_log_args, setup_logging
+from nydusfs.cli.nydus_image import _size as parse_size
 from nydusfs.errors import NydusError
 from nydusfs.oci.convert import ConvertOptions, convert
 from nydusfs.oci.reference import parse_reference
 from nydusfs.types import Compressor, Digester
 
 log = logging.getLogger("nydusify")
-
-
-def _size(text: str) -> int:
-    try:
-        return int(text, 16) if text.lower().startswith("0x") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
 
 
 Bars = Callable[[str, int], Callable[[int], None]]
@@ -77,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--platform", default="linux/amd64", help="os/arch to convert")
     c.add_argument("--compressor", default="zstd", choices=["none", "lz4_block", "zstd"])
     c.add_argument("--digester", default="blake3", choices=["blake3", "sha256"])
-    c.add_argument("--chunk-size", type=_size, default=0x100000, help="power of two (0x100000)")
+    c.add_argument("--chunk-size", type=parse_size, default=0x100000, help="power of two")
     c.add_argument("--fs-version", default="6", choices=["6"], help="RAFS version (6)")
     c.add_argument("--prefetch-patterns", action="store_true",
                    help="read the paths to prefetch from stdin, one per line")  # fmt: skip

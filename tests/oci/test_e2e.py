@@ -4,13 +4,10 @@ skopeo to Debian's docker-registry, converted by ``nydusify convert``, mounted b
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,39 +140,26 @@ def test_convert_layout_to_layout(debian_image: DebianImage, tmp_path: Path) -> 
     assert diff_snapshots(debian_image.reference, image) == []
 
 
-def test_push_with_credentials(debian_image: DebianImage, tmp_path: Path) -> None:
+def test_push_with_credentials(
+    debian_image: DebianImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Pushes authenticate like lazy reads: IMAGE_PULL_AUTH against an htpasswd registry."""
     reg = DockerRegistry(tmp_path, auth="htpasswd", users={"alice": "s3cret"})
     try:
         target = f"http://{reg.host}/secure/debian:nydus"
         args = ("convert", "--source", f"oci:{debian_image.layout}:v1", "--target", target)
-        env = {"IMAGE_PULL_AUTH": ""}
-        with _env(env):
-            proc = run_cli("nydusify", *args, check=False)
+        monkeypatch.setenv("IMAGE_PULL_AUTH", "")
+        proc = run_cli("nydusify", *args, check=False)
         assert proc.returncode == 1 and b"requires credentials" in proc.stderr
         assert b"layer 0" not in proc.stderr  # refused before any layer was built
-        with _env({"IMAGE_PULL_AUTH": basic_auth("alice", "s3cret")}):
-            run_cli("nydusify", *args)
+        monkeypatch.setenv("IMAGE_PULL_AUTH", basic_auth("alice", "s3cret"))
+        run_cli("nydusify", *args)
         resp = requests.get(f"{reg.url}/v2/secure/debian/manifests/nydus",
                             headers={"Accept": MEDIA_OCI_MANIFEST}, auth=("alice", "s3cret"),
                             timeout=10)  # fmt: skip
         assert resp.status_code == 200 and len(resp.json()["layers"]) == 4
     finally:
         reg.close()
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_progress_bars_only_on_a_terminal() -> None:

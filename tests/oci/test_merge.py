@@ -194,3 +194,14 @@ def test_errors_are_one_line_with_upstream_exit_codes(built: tuple[list[str], Pa
     assert proc.returncode == 1 and b"not a RAFS image" in proc.stderr
     assert proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_prefetch_list_goes_into_the_merged_bootstrap(built: tuple[list[str], Path],
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    boots, _ = built
+    out = tmp_path / "merged.boot"
+    run_cli("nydus_image", "merge", "-B", str(out), "--prefetch-policy", "fs", *boots,
+            stdin=b"/usr/lib/big\n/var/cache\n/not/there\n")  # fmt: skip
+    with RafsSuper.load(out) as sup:
+        wanted = {sup.lookup_path(p).ino for p in ("/usr/lib/big", "/var/cache")}
+        assert set(sup.prefetch_table) == wanted
