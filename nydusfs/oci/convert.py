@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nydusfs.errors import NydusError
+from nydusfs.errors import BuildError, NydusError
 from nydusfs.oci import (
     ANNOTATION_NYDUS_BLOB,
     ANNOTATION_NYDUS_BOOTSTRAP,
@@ -191,16 +191,18 @@ class Converter:
             started = time.monotonic()
             boot = os.path.join(work, f"layer{i}.boot")
             bar = self.progress(f"build layer {i + 1}/{len(layers)}", 1 << 20)
-            result = build(
-                BuildOptions(
-                    source=tar_path, source_type=source_type, bootstrap=boot, blob_dir=blob_dir,
-                    compressor=opts.compressor, digester=opts.digester,
-                    chunk_size=opts.chunk_size, whiteout_spec="oci", blob_toc=True,
-                    prefetch_policy="fs" if opts.prefetch_patterns else "none",
-                    prefetch_patterns=list(opts.prefetch_patterns), threads=opts.threads,
-                    progress=_scaled(bar),
-                )
+            build_opts = BuildOptions(
+                source=tar_path, source_type=source_type, bootstrap=boot, blob_dir=blob_dir,
+                compressor=opts.compressor, digester=opts.digester, chunk_size=opts.chunk_size,
+                whiteout_spec="oci", blob_toc=True,
+                prefetch_policy="fs" if opts.prefetch_patterns else "none",
+                prefetch_patterns=list(opts.prefetch_patterns), threads=opts.threads,
+                progress=_scaled(bar),
             )  # fmt: skip
+            try:
+                result = build(build_opts)
+            except BuildError as e:
+                raise ImageError(f"{opts.source}: layer {i} ({digest}): {e}") from e
             bar(1 << 20)
             self._timed("build", started)
             if tar_path.startswith(work):
