@@ -2,9 +2,11 @@
 
 Upstream's nydusify flags that apply: ``--source``, ``--target``, ``--source-insecure``,
 ``--target-insecure``, ``--work-dir``, ``--platform``, ``--compressor``, ``--chunk-size``,
-``--fs-version`` (6), ``--prefetch-patterns`` (read the prefetch list from stdin) and
-``--output-json``. References are ``host[:port]/repo[:tag]`` (``http://`` for a plain-http
-registry) or ``oci:DIR[:tag]``. Progress bars (pull, build, push) go to stderr on a terminal
+``--fs-version`` (6), ``--prefetch-patterns`` (read the prefetch list from stdin),
+``--merge-platform`` (the target tag gets an index holding the source manifest and the nydus one,
+marked with ``artifactType`` and the ``nydus.remoteimage.v1`` OS feature) and ``--output-json``.
+References are ``host[:port]/repo[:tag]`` (``http://`` for a plain-http registry) or
+``oci:DIR[:tag]``. Progress bars (pull, build, push) go to stderr on a terminal
 only. User errors print one line and exit 1.
 """
 
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fs-version", default="6", choices=["6"], help="RAFS version (6)")
     c.add_argument("--prefetch-patterns", action="store_true",
                    help="read the paths to prefetch from stdin, one per line")  # fmt: skip
+    c.add_argument("--merge-platform", action="store_true",
+                   help="tag an index of the source and the nydus manifest")  # fmt: skip
     c.add_argument("--output-json", help="write a summary of the conversion to this file")
     add_log_args(c)
     return p
@@ -94,6 +98,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         prefetch_patterns=patterns,
         progress=progress_bars(),
+        merge_platform=args.merge_platform,
     )
     result = convert(opts)
     log.info("converted %s -> %s (%s): %d blobs, %d MiB -> %d MiB", opts.source, opts.target,

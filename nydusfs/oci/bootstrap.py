@@ -180,7 +180,7 @@ def prepare_image(
     store = RegistryStore(ref, insecure=insecure or settings.skip_verify, auth=settings.auth,
                           timeout=max(settings.timeout, 30))  # fmt: skip
     with store:
-        manifest = store.get_manifest(ref.reference, platform)
+        manifest = store.get_manifest(ref.reference, platform, nydus=True)
         desc = bootstrap_descriptor(manifest.json(), str(ref))
         size = int(desc.get("size", 0))
         if size > BOOTSTRAP_LAYER_LIMIT:

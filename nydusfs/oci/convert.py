@@ -40,20 +40,24 @@ from nydusfs.oci import (
     ANNOTATION_NYDUS_BOOTSTRAP,
     ANNOTATION_NYDUS_FS_VERSION,
     ANNOTATION_UNCOMPRESSED,
+    ARTIFACT_NYDUS_MANIFEST,
     BOOTSTRAP_NAME_IN_LAYER,
     MEDIA_DOCKER_CONFIG,
     MEDIA_DOCKER_LAYER_GZIP,
     MEDIA_NYDUS_BLOB,
     MEDIA_OCI_CONFIG,
+    MEDIA_OCI_INDEX,
     MEDIA_OCI_LAYER,
     MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_MANIFEST,
+    OS_FEATURE_NYDUS,
 )
 from nydusfs.oci.reference import ImageRef
 from nydusfs.oci.store import (
     ImageError,
     ImageStore,
     LayoutStore,
+    Manifest,
     RegistryStore,
     open_store,
     sha256_digest,
@@ -90,6 +94,8 @@ class ConvertOptions:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     progress: ProgressFactory | None = None
     keep_work_dir: bool = False
+    # Push an index holding the source manifest and the nydus one (nydusify --merge-platform).
+    merge_platform: bool = False
 
 
 @dataclass(slots=True)
@@ -165,12 +171,15 @@ class Converter:
         started = time.monotonic()
         if isinstance(dst, RegistryStore):
             dst.check_push()
-        manifest = src.get_manifest(opts.source.reference, opts.platform).json()
+        source_manifest = src.get_manifest(opts.source.reference, opts.platform)
+        manifest = source_manifest.json()
         config_desc = manifest.get("config") or {}
         layers = manifest.get("layers")
         if not isinstance(layers, list) or not layers:
             raise ImageError(f"{opts.source}: manifest has no layers")
-        config = json.loads(src.read_blob(str(config_desc.get("digest", ""))))
+        source_config = src.read_blob(str(config_desc.get("digest", "")))
+        config = json.loads(source_config)
+        layer_files: list[str] = []
         self._timed("manifest", started)
 
         blob_dir = os.path.join(work, "blobs")
@@ -205,7 +214,8 @@ class Converter:
                 raise ImageError(f"{opts.source}: layer {i} ({digest}): {e}") from e
             bar(1 << 20)
             self._timed("build", started)
-            if tar_path.startswith(work):
+            layer_files.append(tar_path)
+            if tar_path.startswith(work) and not opts.merge_platform:
                 os.unlink(tar_path)
             boots.append(boot)
             # With a ToC the builder's blob id is not the sha256 of the file (upstream's
@@ -267,7 +277,13 @@ class Converter:
             "layers": descs,
         }  # fmt: skip
         data = json.dumps(new_manifest, indent=2).encode()
-        digest = dst.put_manifest(opts.target.tag, data, MEDIA_OCI_MANIFEST)
+        if opts.merge_platform:
+            digest = dst.push_manifest(data, MEDIA_OCI_MANIFEST)
+            index = self._merge_platform(dst, source_manifest, source_config, layer_files,
+                                         config, digest, len(data))  # fmt: skip
+            dst.put_manifest(opts.target.tag, index, MEDIA_OCI_INDEX)
+        else:
+            digest = dst.put_manifest(opts.target.tag, data, MEDIA_OCI_MANIFEST)
         self._timed("push", started)
         return ConvertResult(
             manifest_digest=digest,
@@ -278,6 +294,34 @@ class Converter:
             target_compressed_size=target_size,
             seconds=self.seconds,
         )
+
+    def _merge_platform(self, dst: ImageStore, source: Manifest, source_config: bytes,
+                        layer_files: list[str], config: dict[str, Any], nydus_digest: str,
+                        nydus_size: int) -> bytes:  # fmt: skip
+        """Copy the source image into the target repository (what is missing) and return the
+        index that lists it next to the nydus manifest, as nydusify's ``--merge-platform``."""
+        src_json = source.json()
+        dst.push_bytes(source_config)
+        for desc, path in zip(src_json["layers"], layer_files, strict=True):
+            digest = str(desc["digest"])
+            dst.push_blob(path, digest, self.progress(f"push layer {digest[7:19]}",
+                                                      int(desc.get("size", 0))))  # fmt: skip
+        dst.push_manifest(source.data, source.media_type)
+        platform = {"architecture": config.get("architecture", ""), "os": config.get("os", "")}
+        if config.get("variant"):
+            platform["variant"] = config["variant"]
+        index = {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_INDEX,
+            "manifests": [
+                {"mediaType": source.media_type, "digest": source.digest,
+                 "size": len(source.data), "platform": platform},
+                {"mediaType": MEDIA_OCI_MANIFEST, "digest": nydus_digest, "size": nydus_size,
+                 "platform": {**platform, "os.features": [OS_FEATURE_NYDUS]},
+                 "artifactType": ARTIFACT_NYDUS_MANIFEST},
+            ],
+        }  # fmt: skip
+        return json.dumps(index, indent=2).encode()
 
     def _layer_source(self, src: ImageStore, digest: str, size: int, work: str, i: int) -> str:
         """A local path of the layer tar: the layout's own blob file, or a download."""

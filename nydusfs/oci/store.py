@@ -30,12 +30,14 @@ from nydusfs.config import RegistryConfig
 from nydusfs.errors import BackendError, NydusError
 from nydusfs.oci import (
     ANNOTATION_REF_NAME,
+    ARTIFACT_NYDUS_MANIFEST,
     INDEX_TYPES,
     MANIFEST_TYPES,
     MEDIA_DOCKER_LIST,
     MEDIA_DOCKER_MANIFEST,
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
+    OS_FEATURE_NYDUS,
 )
 from nydusfs.oci.reference import ImageRef
 from nydusfs.storage.backends.http import body_excerpt
@@ -93,19 +95,34 @@ def _hex_of(digest: str) -> str:
     return hexpart
 
 
-def pick_platform(index: dict[str, Any], what: str, platform: str) -> dict[str, Any]:
-    """The descriptor for ``platform`` (``os/arch``) in an index; ``ImageError`` if absent."""
+def is_nydus_descriptor(desc: dict[str, Any]) -> bool:
+    """An index entry for a nydus manifest: ``artifactType`` as nydusify's ``--merge-platform``
+    sets it, or the ``nydus.remoteimage.v1`` OS feature older images carry."""
+    features = (desc.get("platform") or {}).get("os.features") or []
+    return desc.get("artifactType") == ARTIFACT_NYDUS_MANIFEST or OS_FEATURE_NYDUS in features
+
+
+def pick_platform(
+    index: dict[str, Any], what: str, platform: str, nydus: bool = False
+) -> dict[str, Any]:
+    """The descriptor for ``platform`` (``os/arch``) in an index, the nydus one when ``nydus``
+    else the other (an index may hold both, see ``is_nydus_descriptor``); ``ImageError`` if
+    there is none."""
     want_os, _, want_arch = platform.partition("/")
     manifests = index.get("manifests")
     if not isinstance(manifests, list) or not manifests:
         raise ImageError(f"{what}: index lists no manifests")
-    for desc in manifests:
-        plat = desc.get("platform") or {}
-        if plat.get("os") == want_os and plat.get("architecture") == want_arch:
-            return dict(desc)
-    if len(manifests) == 1 and not manifests[0].get("platform"):
-        return dict(manifests[0])
-    raise ImageError(f"{what}: no manifest for platform {platform}")
+    matching = [
+        d for d in manifests
+        if (d.get("platform") or {}).get("os") == want_os
+        and (d.get("platform") or {}).get("architecture") == want_arch
+    ]  # fmt: skip
+    if not matching and len(manifests) == 1 and not manifests[0].get("platform"):
+        matching = [manifests[0]]
+    if not matching:
+        raise ImageError(f"{what}: no manifest for platform {platform}")
+    preferred = [d for d in matching if is_nydus_descriptor(d) == nydus]
+    return dict((preferred or matching)[0])
 
 
 class _HashingWriter:
@@ -136,14 +153,17 @@ class ImageStore:
 
     ref: ImageRef
 
-    def get_manifest(self, reference: str, platform: str = "linux/amd64") -> Manifest:
-        """The image manifest for ``reference`` (a tag or digest), through an index if need be."""
+    def get_manifest(
+        self, reference: str, platform: str = "linux/amd64", nydus: bool = False
+    ) -> Manifest:
+        """The image manifest for ``reference`` (a tag or digest), through an index if need be
+        (where ``nydus`` picks the nydus manifest of the platform, see ``pick_platform``)."""
         top = self._get_manifest(reference)
         if top.media_type in MANIFEST_TYPES:
             return top
         if top.media_type not in INDEX_TYPES:
             raise ImageError(f"{self.ref}: unsupported manifest media type {top.media_type!r}")
-        desc = pick_platform(top.json(), str(self.ref), platform)
+        desc = pick_platform(top.json(), str(self.ref), platform, nydus)
         manifest = self._get_manifest(str(desc.get("digest", "")))
         if manifest.media_type not in MANIFEST_TYPES:
             raise ImageError(f"{self.ref}: index points at a {manifest.media_type!r}")
@@ -174,6 +194,10 @@ class ImageStore:
 
     def put_manifest(self, tag: str, data: bytes, media_type: str) -> str:
         """Store a manifest under ``tag``; returns its digest."""
+        raise NotImplementedError
+
+    def push_manifest(self, data: bytes, media_type: str) -> str:
+        """Store a manifest without a tag (an index will point at it); returns its digest."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -346,6 +370,9 @@ class RegistryStore(ImageStore):
             self._upload(digest, data, len(data))
         return digest
 
+    def push_manifest(self, data: bytes, media_type: str) -> str:
+        return self.put_manifest(sha256_digest(data), data, media_type)
+
     def put_manifest(self, tag: str, data: bytes, media_type: str) -> str:
         resp = self._call("PUT", f"manifests/{tag}", {"Content-Type": media_type}, data=data)
         if resp.status_code not in (200, 201):
@@ -468,6 +495,9 @@ class LayoutStore(ImageStore):
             with atomic_write(self.blob_path(digest)) as f:
                 f.write(data)
         return digest
+
+    def push_manifest(self, data: bytes, media_type: str) -> str:
+        return self.push_bytes(data)
 
     def put_manifest(self, tag: str, data: bytes, media_type: str) -> str:
         digest = self.push_bytes(data)

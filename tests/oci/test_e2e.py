@@ -19,14 +19,18 @@ from nydusfs.oci import (
     ANNOTATION_NYDUS_BOOTSTRAP,
     ANNOTATION_NYDUS_FS_VERSION,
     ANNOTATION_UNCOMPRESSED,
+    ARTIFACT_NYDUS_MANIFEST,
     MEDIA_NYDUS_BLOB,
+    MEDIA_OCI_INDEX,
     MEDIA_OCI_LAYER_GZIP,
     MEDIA_OCI_MANIFEST,
+    OS_FEATURE_NYDUS,
 )
 from nydusfs.oci.bootstrap import bootstrap_descriptor, extract_bootstrap
 from nydusfs.oci.reference import parse_reference
 from nydusfs.oci.store import LayoutStore
 from tests.helpers.image import snapshot_image
+from tests.helpers.oci_image import skopeo_copy
 from tests.helpers.registry_servers import DockerRegistry, basic_auth
 from tests.helpers.tree import diff_snapshots, snapshot
 from tests.mount.nydusd_proc import nydusd, write_config
@@ -198,3 +202,33 @@ def test_insecure_registry_falls_back_to_http(
     expected = debian_image.reference[b"/opt/app/blob.bin"]["sha256"]
     assert hashlib.sha256(data).hexdigest() == expected
     assert release.endswith(b'VARIANT="nydusfs test layer"\n')
+
+
+def test_merge_platform_index(
+    debian_image: DebianImage, source_ref: str, registry: DockerRegistry, tmp_path: Path
+) -> None:
+    """--merge-platform: the target tag is an index of the OCI manifest and the nydus one;
+    nydusd picks the nydus one, a converter reading the index picks the OCI one."""
+    target = f"{registry.host}/test/merged:v1"
+    run_cli("nydusify", "convert", "--source", f"http://{source_ref}", "--target",
+            f"http://{target}", "--merge-platform")  # fmt: skip
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{target}"],
+        capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    index = json.loads(raw)
+    assert index["mediaType"] == MEDIA_OCI_INDEX
+    oci, nydus = index["manifests"]
+    assert oci["platform"] == {"architecture": "amd64", "os": "linux"}
+    assert nydus["platform"]["os.features"] == [OS_FEATURE_NYDUS]
+    assert nydus["artifactType"] == ARTIFACT_NYDUS_MANIFEST
+    # The source image was copied into the target repository: skopeo can copy it out.
+    out = tmp_path / "copied"
+    skopeo_copy(f"docker://{target}", f"oci:{out}:x")
+    layout = LayoutStore(parse_reference(f"oci:{out}:x"))
+    assert layout.get_manifest("x").digest == oci["digest"]
+    with nydusd("--image", f"http://{target}", mountpoint=tmp_path / "mnt", timeout=60):
+        release = (tmp_path / "mnt/etc/os-release").read_bytes()
+    assert release.endswith(b'VARIANT="nydusfs test layer"\n')
+    run_cli("nydusify", "convert", "--source", f"http://{target}", "--target",
+            f"oci:{tmp_path / 'again'}:n")  # fmt: skip

@@ -91,6 +91,13 @@ def test_platform_and_bootstrap_selection(tmp_path: Path) -> None:
         {"digest": "sha256:2", "platform": {"os": "linux", "architecture": "amd64"}},
     ]}  # fmt: skip
     assert pick_platform(index, "x", "linux/amd64")["digest"] == "sha256:2"
+    both = {"manifests": [
+        {"digest": "sha256:n", "platform": {"os": "linux", "architecture": "amd64",
+                                            "os.features": ["nydus.remoteimage.v1"]}},
+        {"digest": "sha256:o", "platform": {"os": "linux", "architecture": "amd64"}},
+    ]}  # fmt: skip
+    assert pick_platform(both, "x", "linux/amd64")["digest"] == "sha256:o"
+    assert pick_platform(both, "x", "linux/amd64", nydus=True)["digest"] == "sha256:n"
     with pytest.raises(ImageError, match="no manifest for platform linux/s390x"):
         pick_platform(index, "x", "linux/s390x")
     with pytest.raises(ImageError, match="is not a nydus image"):
