@@ -199,7 +199,7 @@ class Converter:
             tar_path = self._layer_source(src, digest, size, work, i)
             started = time.monotonic()
             boot = os.path.join(work, f"layer{i}.boot")
-            bar = self.progress(f"build layer {i + 1}/{len(layers)}", 1 << 20)
+            bar = self.progress(f"build layer {i + 1}/{len(layers)}", 1 << 20)  # in parts
             build_opts = BuildOptions(
                 source=tar_path, source_type=source_type, bootstrap=boot, blob_dir=blob_dir,
                 compressor=opts.compressor, digester=opts.digester, chunk_size=opts.chunk_size,
@@ -212,7 +212,6 @@ class Converter:
                 result = build(build_opts)
             except BuildError as e:
                 raise ImageError(f"{opts.source}: layer {i} ({digest}): {e}") from e
-            bar(1 << 20)
             self._timed("build", started)
             layer_files.append(tar_path)
             if tar_path.startswith(work) and not opts.merge_platform:

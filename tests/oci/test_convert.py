@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from nydusfs.oci import (
     MEDIA_OCI_MANIFEST,
 )
 from nydusfs.oci.bootstrap import bootstrap_descriptor, extract_bootstrap
+from nydusfs.oci.convert import ConvertOptions, convert
 from nydusfs.oci.reference import parse_reference
 from nydusfs.oci.store import LayoutStore, sha256_digest
 from nydusfs.rafs.superblock import RafsSuper
@@ -103,3 +105,21 @@ def test_refuses_to_overwrite_its_source(tmp_path: Path, target: str) -> None:
     proc = run_cli("nydusify", "convert", "--source", f"oci:{tmp_path / 'src'}:v1",
                    "--target", target.format(src=tmp_path / "src"), check=False)  # fmt: skip
     assert proc.returncode == 1 and b"same image" in proc.stderr
+
+
+def test_progress_is_reported_for_build_and_push(tmp_path: Path) -> None:
+    _image(tmp_path / "src", [_layer([("f", bytes(300_000))]), _layer([("g", b"g" * 9000)])])
+    seen: dict[str, list[int]] = {}
+
+    def factory(what: str, total: int) -> Callable[[int], None]:
+        seen[what] = [total]
+        return seen[what].append
+
+    convert(ConvertOptions(source=parse_reference(f"oci:{tmp_path / 'src'}:v1"),
+                           target=parse_reference(f"oci:{tmp_path / 'out'}:v1"),
+                           progress=factory))  # fmt: skip
+    builds = [v for k, v in seen.items() if k.startswith("build layer")]
+    pushes = [v for k, v in seen.items() if k.startswith("push blob")]
+    assert len(builds) == 2 and len(pushes) == 2
+    for total, *done in builds + pushes:
+        assert done and done[-1] == total and done == sorted(done)
