@@ -232,3 +232,27 @@ def test_merge_platform_index(
     assert release.endswith(b'VARIANT="nydusfs test layer"\n')
     run_cli("nydusify", "convert", "--source", f"http://{target}", "--target",
             f"oci:{tmp_path / 'again'}:n")  # fmt: skip
+
+
+def test_mount_bootstrap_file_with_registry_backend(
+    debian_image: DebianImage, nydus_ref: str, registry: DockerRegistry, tmp_path: Path
+) -> None:
+    """The other way in: the bootstrap as a file, the data from the registry by config."""
+    manifest = _manifest(registry, NYDUS_TAG)
+    desc = bootstrap_descriptor(manifest, nydus_ref)
+    layer = requests.get(f"{registry.url}/v2/{SOURCE_REPO}/blobs/{desc['digest']}", timeout=30)
+    boot = tmp_path / "image.boot"
+    extract_bootstrap(layer.content, str(boot), nydus_ref)
+    config = write_config(tmp_path / "nydusd.json", {
+        "version": 2,
+        "backend": {"type": "registry", "registry": {"scheme": "http", "host": registry.host,
+                                                     "repo": SOURCE_REPO}},
+        "cache": {"type": "blobcache", "filecache": {"work_dir": str(tmp_path / "cache")}},
+        "rafs": {"enable_xattr": True},
+    })  # fmt: skip
+    paths = [b"/usr/bin/python3.11", b"/etc/os-release", b"/opt/app/blob.link", b"/usr/bin/bash"]
+    with nydusd("--bootstrap", str(boot), "--config", str(config), mountpoint=tmp_path / "mnt",
+                timeout=60):  # fmt: skip
+        for path in paths:
+            data = (tmp_path / "mnt" / path.decode().lstrip("/")).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == debian_image.reference[path]["sha256"]
