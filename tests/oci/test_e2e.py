@@ -28,7 +28,7 @@ from nydusfs.oci import (
 )
 from nydusfs.oci.bootstrap import bootstrap_descriptor, extract_bootstrap
 from nydusfs.oci.reference import parse_reference
-from nydusfs.oci.store import LayoutStore
+from nydusfs.oci.store import LayoutStore, RegistryStore
 from tests.helpers.image import snapshot_image
 from tests.helpers.oci_image import skopeo_copy
 from tests.helpers.registry_servers import DockerRegistry, basic_auth
@@ -230,8 +230,9 @@ def test_merge_platform_index(
     with nydusd("--image", f"http://{target}", mountpoint=tmp_path / "mnt", timeout=60):
         release = (tmp_path / "mnt/etc/os-release").read_bytes()
     assert release.endswith(b'VARIANT="nydusfs test layer"\n')
-    run_cli("nydusify", "convert", "--source", f"http://{target}", "--target",
-            f"oci:{tmp_path / 'again'}:n")  # fmt: skip
+    with RegistryStore(parse_reference(f"http://{target}")) as store:
+        assert store.get_manifest("v1").digest == oci["digest"]  # what a converter reads
+        assert store.get_manifest("v1", nydus=True).digest == nydus["digest"]
 
 
 def test_mount_bootstrap_file_with_registry_backend(
