@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from nydusfs import __version__
-from nydusfs.cli import image_export, image_tools
+from nydusfs.cli import image_export, image_merge, image_tools
 from nydusfs.cli.common import setup_logging
 from nydusfs.errors import NydusError
 from nydusfs.types import Compressor, Digester
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"nydus-image {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _create_parser(sub)
+    image_merge.add_parser(sub)
     image_tools.add_parsers(sub)
     image_export.add_parser(sub)
     return parser
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "create": cmd_create,
     "export": image_export.cmd_export,
+    "merge": image_merge.cmd_merge,
 }
 
 

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-rotation-size", type=int, default=0, help="MB, 0 = off")
     p.add_argument("--rlimit-nofile", type=int, default=1_000_000, help="0 = unchanged")
     p.add_argument("-B", "--bootstrap", help="RAFS metadata file")
+    p.add_argument(
+        "--image", help="nydus image in a registry (host/repo:tag): bootstrap fetched, data lazy"
+    )
     p.add_argument("-D", "--localfs-dir", help="directory of blobs (localfs backend and cache)")
     p.add_argument("-s", "--shared-dir", help="directory to share with passthroughfs")
     p.add_argument("--prefetch-files", help="file listing paths to prefetch, one per line")
@@ -85,11 +88,22 @@ def _refuse_unavailable(args: argparse.Namespace) -> None:
 def mount_commands(args: argparse.Namespace) -> list[MountCmd]:
     if args.config and args.localfs_dir:
         raise ConfigError("--localfs-dir conflicts with --config")
+    if args.image:
+        if args.bootstrap or args.localfs_dir:
+            raise ConfigError("--image conflicts with --bootstrap and --localfs-dir")
+        from nydusfs.oci.bootstrap import load_image_config, prepare_image
+        from nydusfs.oci.reference import parse_reference
+
+        ref = parse_reference(args.image)
+        base = load_image_config(args.config, ref) if args.config else None
+        args.bootstrap, image_config = prepare_image(ref, base)
     if args.prefetch_files and not args.bootstrap:
         raise ConfigError("--prefetch-files requires --bootstrap")
     if not args.bootstrap:
         return []
-    if args.config:
+    if args.image:
+        config = image_config
+    elif args.config:
         config = load_config_file(args.config)
     elif args.localfs_dir:
         config = localfs_config(args.localfs_dir)

@@ -122,8 +122,9 @@ def build(opts: BuildOptions) -> BuildResult:
                 from nydusfs.rafs.builder import tarball
 
                 root = tarball.build_tree(
-                    opts.source, writer, opts.whiteout_spec, gzipped=kind == "targz"
-                )
+                    opts.source, writer, opts.whiteout_spec, gzipped=kind == "targz",
+                    progress=opts.progress,
+                )  # fmt: skip
                 boot = _assign(root, opts, prefetch)
             writer.flush()
             _share_hardlink_chunks(boot.nodes)

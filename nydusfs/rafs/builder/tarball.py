@@ -463,14 +463,23 @@ def _directory(name: bytes, path: bytes) -> Node:
     return Node(name=name, path=path, mode=stat.S_IFDIR | 0o755)
 
 
-def build_tree(source: str, writer: BlobWriter, whiteout_spec: str, *, gzipped: bool) -> Node:
+def build_tree(
+    source: str,
+    writer: BlobWriter,
+    whiteout_spec: str,
+    *,
+    gzipped: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> Node:
     """Read the tarball ``source`` once, in order, and return the root of its tree.
 
     Regular files' data is fed to ``writer`` as it is read; their ``chunks`` are complete after
     ``writer.flush()``. Hard links get their target's ``src_key`` (and share its chunk list)
     and no data. ``whiteout_spec`` is validated only: whiteouts stay in the tree, as upstream
     keeps them for a later merge. ``gzipped`` is what the caller expects; as upstream, the
-    gzip magic decides. Raises ``BuildError`` for an unreadable, corrupt or unsupported tar.
+    gzip magic decides. ``progress(bytes read, size)`` is called after each member when the
+    source is a regular file (its size known). Raises ``BuildError`` for an unreadable, corrupt
+    or unsupported tar.
     """
     if whiteout_spec not in WHITEOUT_SPECS:
         raise BuildError(f"invalid whiteout spec {whiteout_spec!r}")
@@ -495,6 +504,17 @@ def build_tree(source: str, writer: BlobWriter, whiteout_spec: str, *, gzipped: 
             log.info("%s: this is a %s tarball, read as such", source, kind)
         stream = _Stream(read, source)
         builder = _TreeBuilder(writer, stream)
+        size = 0
+        if progress is not None:
+            st = os.fstat(raw.fileno())
+            if stat.S_ISREG(st.st_mode):
+                size = st.st_size
+            else:
+                progress = None  # a pipe has no size to measure progress against
         for member in _members(stream):
             builder.add(member)
+            if progress is not None:
+                progress(min(raw.tell(), size), size)
+        if progress is not None:
+            progress(size, size)
     return builder.root

@@ -45,7 +45,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
@@ -87,6 +87,12 @@ def _error_text(err: BaseException) -> str:
         seen.append(f"{type(cur).__name__}: {cur}")
         cur = cur.__cause__ or cur.__context__
     return " | ".join(seen).lower()
+
+
+def _rewound(data: bytes | BinaryIO | None) -> bytes | BinaryIO | None:
+    if data is not None and not isinstance(data, bytes):
+        data.seek(0)
+    return data
 
 
 def _user_of(auth: str) -> str:
@@ -303,15 +309,19 @@ class RegistryBackend(BlobBackend):
         *,
         mirrorable: bool = False,
         stream: bool = False,
+        data: bytes | BinaryIO | None = None,
     ) -> requests.Response:
         """``method url`` to the registry with authentication; HTTP status not checked, except
-        that credentials the registry still rejects after a challenge raise (not retried)."""
+        that credentials the registry still rejects after a challenge raise (not retried).
+        A file ``data`` (an upload body) is rewound before each attempt."""
         self._check_runtime_auth()
         sent = self._current_header()
         hdrs = dict(headers)
         if sent:
             hdrs["Authorization"] = sent
-        resp = self._client.request(method, url, headers=hdrs, mirrorable=mirrorable, stream=stream)
+        resp = self._client.request(
+            method, url, headers=hdrs, mirrorable=mirrorable, stream=stream, data=_rewound(data)
+        )
         if resp.status_code != 401:
             return resp
         if sent:
@@ -323,8 +333,9 @@ class RegistryBackend(BlobBackend):
             resp.close()
             hdrs.pop("Authorization")
             resp = self._client.request(
-                method, url, headers=hdrs, mirrorable=mirrorable, stream=stream
-            )
+                method, url, headers=hdrs, mirrorable=mirrorable, stream=stream,
+                data=_rewound(data),
+            )  # fmt: skip
             if resp.status_code != 401:
                 return resp
         answer = self._answer(resp.headers.get("WWW-Authenticate", ""), sent)
@@ -332,7 +343,9 @@ class RegistryBackend(BlobBackend):
             return resp
         resp.close()
         hdrs["Authorization"] = answer
-        resp = self._client.request(method, url, headers=hdrs, mirrorable=mirrorable, stream=stream)
+        resp = self._client.request(
+            method, url, headers=hdrs, mirrorable=mirrorable, stream=stream, data=_rewound(data)
+        )
         if resp.status_code == 401:
             with self._state_lock:
                 self._auth_header = None
