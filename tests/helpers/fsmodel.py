@@ -423,8 +423,8 @@ class FsTarget:
 
     async def _create(self, path: str, data: bytes) -> None:
         parent, name = await self._new(path)
-        handle, entry = await self.fs.create(CTX, parent, name, 0o100644,
-                                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o022)  # fmt: skip
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        handle, entry = await self.fs.create(CTX, parent, name, 0o100644, flags, 0o022)
         try:
             await self.fs.write(CTX, entry.ino, handle.fh, 0, data)
         finally:
