@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 # Kernel peers and tools the tests drive (erofs-utils, squashfuse, ...), the servers the
 # backend tests run on loopback (nginx, docker-registry), and what pyfuse3 needs to build.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc erofs-utils squashfuse squashfs-tools \
-	attr acl gdisk util-linux kmod nginx-light docker-registry curl
+	attr acl gdisk util-linux kmod nginx-light docker-registry curl fuse-overlayfs
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -qq -o Dpkg::Use-Pty=0
 

@@ -13,8 +13,8 @@ container sees its own files. Permission checks are the kernel's (the FUSE mount
 
 Concurrency: metadata syscalls (lookup, stat, create, rename, chmod, xattrs...) run inline on
 the event loop. They cost a few microseconds on a local filesystem, while a hop to a worker
-thread costs 50-100 us on this project's machines (measured: 10k ``fstatat`` inline 0.02 s,
-through ``trio.to_thread.run_sync`` 0.9 s), and they are the bulk of the requests. Data
+thread costs far more on this project's machines (measured: 10k ``fstatat`` inline 0.07 s,
+through ``trio.to_thread.run_sync`` 0.88 s), and they are the bulk of the requests. Data
 transfers of ``THREAD_IO_BYTES`` or more, ``fsync`` and ``fsyncdir`` run in worker threads under
 a ``CapacityLimiter`` of ``io_threads``: these are the calls that wait for a disk.
 """
@@ -26,8 +26,9 @@ import itertools
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import trio
 
@@ -48,6 +49,7 @@ from nydusfs.passthrough import sys as psys
 from nydusfs.passthrough.inode import O_PATH_FLAGS, Inode, InodeTable, attr_of, check_name
 from nydusfs.types import Attr, Context, DirEntry, Entry, StatVfs
 
+T = TypeVar("T")
 THREAD_IO_BYTES = 64 * 1024
 DEFAULT_TIMEOUT = 1.0
 RENAME_FLAGS = psys.RENAME_NOREPLACE | psys.RENAME_EXCHANGE | psys.RENAME_WHITEOUT
@@ -90,10 +92,13 @@ class PassthroughFs(FileSystem):
         timeout: float = DEFAULT_TIMEOUT,
         writable: bool = True,
         io_threads: int = 4,
+        max_open: int | None = None,
     ) -> None:
+        """``max_open``: non-directory inodes that keep an fd (the rest are reopened by file
+        handle); by default a quarter of ``RLIMIT_NOFILE``."""
         root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.source = os.fsdecode(source)
-        self.inodes = InodeTable(root_fd)
+        self.inodes = InodeTable(root_fd, max_open)
         self.timeout = timeout
         self.writable = writable
         self.stats = FsIoStats()  # upstream's passthroughfs keeps no fop counters either
@@ -150,10 +155,11 @@ class PassthroughFs(FileSystem):
                 os.unlink(name, dir_fd=parent.fd)
             raise
 
-    async def _io(self, size: int, func: object, *args: object) -> object:
+    async def _io(self, size: int, func: Callable[..., T], *args: Any) -> T:
+        """``func(*args)``: inline for small transfers, in a worker thread for large ones."""
         if size < THREAD_IO_BYTES:
-            return func(*args)  # type: ignore[operator]
-        return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)  # type: ignore[arg-type]
+            return func(*args)
+        return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
 
     # --- metadata -----------------------------------------------------------------------------
     async def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
@@ -256,10 +262,23 @@ class PassthroughFs(FileSystem):
         os.link(node.proc_path, new_name, dst_dir_fd=p.fd, follow_symlinks=True)
         return self._lookup(p, new_name)
 
+    def _pin(self, parent_fd: int, name: bytes) -> None:
+        """Give a known inode whose fd was closed its fd back before its last name may go: a
+        file handle cannot reopen an unlinked inode, and the kernel may still use it."""
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except OSError:
+            return
+        node = self.inodes.known((st.st_dev, st.st_ino))
+        if node is not None and node.path_fd < 0:
+            node.fd  # noqa: B018 (reopens)
+
     async def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         self._check_writable()
         check_name(name)
-        os.unlink(name, dir_fd=self.inode(parent).fd)
+        parent_fd = self.inode(parent).fd
+        self._pin(parent_fd, name)
+        os.unlink(name, dir_fd=parent_fd)
 
     async def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         self._check_writable()
@@ -275,6 +294,8 @@ class PassthroughFs(FileSystem):
         check_name(name)
         check_name(new_name)
         old_fd, new_fd = self.inode(parent).fd, self.inode(new_parent).fd
+        if not flags & (psys.RENAME_NOREPLACE | psys.RENAME_EXCHANGE):
+            self._pin(new_fd, new_name)  # about to be replaced
         psys.renameat2(old_fd, name, new_fd, new_name, flags)
 
     # --- files --------------------------------------------------------------------------------
@@ -335,11 +356,11 @@ class PassthroughFs(FileSystem):
 
     async def read(self, ctx: Context, inode: int, fh: int, offset: int, size: int) -> bytes:
         fd = self._handle(fh).fd
-        return await self._io(size, os.pread, fd, size, offset)  # type: ignore[return-value]
+        return await self._io(size, os.pread, fd, size, offset)
 
     async def write(self, ctx: Context, inode: int, fh: int, offset: int, data: bytes) -> int:
         fd = self._handle(fh).fd
-        return await self._io(len(data), os.pwrite, fd, data, offset)  # type: ignore[return-value]
+        return await self._io(len(data), os.pwrite, fd, data, offset)
 
     async def flush(self, ctx: Context, inode: int, fh: int) -> None:
         # What close(2) of one of several descriptors does: drop POSIX locks, report

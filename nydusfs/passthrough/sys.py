@@ -69,3 +69,39 @@ def utimens_path_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None
     leaves a time unchanged. Needs a kernel that accepts ``AT_EMPTY_PATH`` here (EINVAL else)."""
     times = (_Timespec * 2)(_timespec(atime_ns), _timespec(mtime_ns))
     _check(_utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * 128),  # MAX_HANDLE_SZ
+    ]
+
+
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_FileHandle),
+                               ctypes.POINTER(ctypes.c_int), ctypes.c_int]  # fmt: skip
+_name_to_handle_at.restype = ctypes.c_int
+_open_by_handle_at = _libc.open_by_handle_at
+_open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(_FileHandle), ctypes.c_int]
+_open_by_handle_at.restype = ctypes.c_int
+
+
+def file_handle(fd: int) -> tuple[bytes, int] | None:
+    """``(handle, mount id)`` of the inode behind ``fd`` (``name_to_handle_at`` with
+    ``AT_EMPTY_PATH``), or None when its filesystem has no file handles."""
+    handle = _FileHandle()
+    handle.handle_bytes = 128
+    mount_id = ctypes.c_int()
+    if _name_to_handle_at(fd, b"", handle, ctypes.byref(mount_id), AT_EMPTY_PATH) < 0:
+        return None
+    return bytes(handle), mount_id.value
+
+
+def open_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """Open the inode a ``file_handle`` names (``open_by_handle_at``; needs
+    CAP_DAC_READ_SEARCH). ``mount_fd`` is a non-``O_PATH`` fd on the same mount."""
+    fd = int(_open_by_handle_at(mount_fd, _FileHandle.from_buffer_copy(handle), flags))
+    _check(fd, "open_by_handle_at")
+    return fd

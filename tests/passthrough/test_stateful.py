@@ -27,7 +27,8 @@ class DirectMachine(FsMachine):
         (self.tmp / "host").mkdir()
         (self.tmp / "shared").mkdir()
         self.loop = LoopThread()
-        self.fs = PassthroughFs(str(self.tmp / "shared"))
+        # One fd at most: the other inodes live as file handles and are reopened on use.
+        self.fs = PassthroughFs(str(self.tmp / "shared"), max_open=1)
         self.targets = {
             "model": Model(),
             "host": PathTarget(str(self.tmp / "host")),
