@@ -131,11 +131,8 @@ def session(mnt: Path, inputs: Path, files: list[str]) -> tuple[dict[str, float]
     target.mkdir()
     renamed.mkdir()
     times: dict[str, float] = {}
-    times["untar"] = timed(
-        lambda: subprocess.run(["tar", "--warning=no-timestamp", "-xf",
-                                str(inputs / "tree.tar"), "-C", str(target)],
-                               check=True)  # fmt: skip
-    )
+    untar = ["tar", "--warning=no-timestamp", "-xf", str(inputs / "tree.tar"), "-C", str(target)]
+    times["untar"] = timed(lambda: subprocess.run(untar, check=True))
 
     def metadata() -> None:
         for i, rel in enumerate(files):
