@@ -35,7 +35,7 @@ from nydusfs.overlay.layer import (
     is_private_xattr,
     is_whiteout_stat,
 )
-from nydusfs.overlay.tree import OverlayTree, _Handle
+from nydusfs.overlay.tree import OverlayHandle, OverlayTree
 from nydusfs.passthrough import sys as psys
 from nydusfs.passthrough.fs import check_access
 from nydusfs.passthrough.inode import check_name
@@ -329,7 +329,7 @@ class OverlayFs(OverlayTree, FileSystem):
         fs, inner = self._layer_of(node)
         result = await fs.open(ctx, inner, flags)
         fh = next(self._fh)
-        self._handles[fh] = _Handle(node, fs, inner, result.fh)
+        self._handles[fh] = OverlayHandle(node, fs, inner, result.fh)
         node.opened += 1
         return OpenResult(fh, keep_cache=False, direct_io=result.direct_io)
 
@@ -355,11 +355,11 @@ class OverlayFs(OverlayTree, FileSystem):
         inner_result, entry = await self.upper_fs.create(ctx, p.upper, name, mode, flags, umask)
         node = await self._added(p, name, entry)
         fh = next(self._fh)
-        self._handles[fh] = _Handle(node, self.upper_fs, node.upper or 0, inner_result.fh)
+        self._handles[fh] = OverlayHandle(node, self.upper_fs, node.upper or 0, inner_result.fh)
         node.opened += 1
         return OpenResult(fh), await self._entry(node)
 
-    def _h(self, fh: int) -> _Handle:
+    def _h(self, fh: int) -> OverlayHandle:
         h = self._handles.get(fh)
         if h is None:
             raise OSError(errno.EBADF, f"no open handle {fh}")
@@ -392,7 +392,7 @@ class OverlayFs(OverlayTree, FileSystem):
             return
         h.node.opened -= 1
         try:
-            if h.fs is not None and h.fh >= 0:
+            if h.fh >= 0:
                 await h.fs.release(ctx, h.inner, h.fh)
         finally:
             await self.maybe_free(h.node)
@@ -401,11 +401,11 @@ class OverlayFs(OverlayTree, FileSystem):
     async def opendir(self, ctx: Context, inode: int) -> OpenResult:
         node = self._dir(inode)
         fh = next(self._fh)
-        self._handles[fh] = _Handle(node, self, inode, -1)
+        self._handles[fh] = OverlayHandle(node, self, inode, -1)
         node.opened += 1
         return OpenResult(fh)
 
-    async def _listing(self, h: _Handle, offset: int) -> list[tuple[bytes, int, int]]:
+    async def _listing(self, h: OverlayHandle, offset: int) -> list[tuple[bytes, int, int]]:
         if h.entries is None or offset == 0:
             node = h.node
             parent = node.parent.ino if node.parent is not None else node.ino

@@ -38,7 +38,10 @@ _WRITE_INTENT = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
 @dataclass(slots=True)
-class _Handle:
+class OverlayHandle:
+    """An open file (``fs``/``inner``/``fh``: the layer's handle) or directory (``fh`` -1,
+    ``entries``: the merged listing, taken when reading starts)."""
+
     node: Node
     fs: FileSystem
     inner: int
@@ -77,7 +80,7 @@ class OverlayTree:
         self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
         self._by_upper: dict[int, Node] = {}  # upper inode of a non-directory -> its node
         self._next = itertools.count(ROOT_INODE + 1)
-        self._handles: dict[int, _Handle] = {}
+        self._handles: dict[int, OverlayHandle] = {}
         self._fh = itertools.count(1)
         self._locks: dict[int, trio.Lock] = {}
 
