@@ -111,7 +111,7 @@ def test_direct_and_kernel(lower: Path) -> None:
         pass
 
     Machine.lower = lower
-    _run(Machine, 40, 30)
+    _run(Machine, 100, 30)
 
 
 def test_through_fuse(lower: Path, tmp_path: Path) -> None:
@@ -121,4 +121,4 @@ def test_through_fuse(lower: Path, tmp_path: Path) -> None:
     boot = make_image(lower, tmp_path / "image")
     with api_daemon(tmp_path, "--writable") as daemon:
         Machine.lower, Machine.daemon, Machine.image = lower, daemon, (boot, tmp_path / "image")
-        _run(Machine, 15, 25)
+        _run(Machine, 40, 25)

@@ -155,7 +155,7 @@ def _overlay(base: Path) -> FileSystem:
     return OverlayFs([lower], str(base / "upper"), str(base / "work"))
 
 
-_settings = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_settings = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_settings

@@ -43,7 +43,7 @@ class DirectMachine(FsMachine):
 
 TestDirect = DirectMachine.TestCase
 TestDirect.settings = settings(
-    max_examples=25, stateful_step_count=30, deadline=None,
+    max_examples=100, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
 
@@ -78,7 +78,7 @@ def test_through_fuse(shared_mount: tuple[Path, Path]) -> None:
     MountMachine.shared, MountMachine.mnt = shared_mount
     test = MountMachine.TestCase
     test.settings = settings(
-        max_examples=12, stateful_step_count=25, deadline=None,
+        max_examples=40, stateful_step_count=25, deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )  # fmt: skip
     test().runTest()
