@@ -25,6 +25,8 @@ import os
 import stat
 from collections.abc import AsyncIterator
 
+import trio
+
 from nydusfs.filesystem import ROOT_INODE, SETATTR_SIZE, FileSystem, OpenResult
 from nydusfs.overlay.copyup import ROOT_CTX, attr_for, copy_up, copy_up_tree
 from nydusfs.overlay.layer import (
@@ -451,7 +453,7 @@ class OverlayFs(OverlayTree, FileSystem):
         if node.upper is not None:
             fd = os.open(self.upper_fs.inode(node.upper).proc_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                os.fsync(fd)
+                await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
             finally:
                 os.close(fd)
 
