@@ -10,7 +10,8 @@ BENCH_ARGS ?=
 # backend tests run on loopback (nginx, docker-registry), and what pyfuse3 needs to build.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc erofs-utils squashfuse squashfs-tools \
 	attr acl gdisk util-linux kmod nginx-light docker-registry curl \
-	libnbd-bin qemu-utils qemu-system-x86 busybox-static skopeo umoci debootstrap
+	libnbd-bin qemu-utils qemu-system-x86 busybox-static skopeo umoci debootstrap \
+	fuse-overlayfs
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -qq -o Dpkg::Use-Pty=0
 

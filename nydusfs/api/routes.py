@@ -63,7 +63,7 @@ from nydusfs.api.types import (
     parse_daemon_conf,
     super_meta,
 )
-from nydusfs.config import load_config
+from nydusfs.config import ConfigV2, load_config
 from nydusfs.daemon.daemon import DaemonState
 from nydusfs.daemon.fs_service import FS_TYPES, MountCmd, MountedFs
 from nydusfs.errors import ConfigError
@@ -192,6 +192,8 @@ class ApiRoutes:
     async def backend_info(self, req: Request) -> Response:
         mountpoint = normalize_mountpoint(req.param("mountpoint"))
         mounted = self._mounted(mountpoint)
+        if mounted.sup is None:
+            raise Unsupported(f"{mountpoint} is a passthrough_fs mount: it has no RAFS metadata")
         return json_response(super_meta(mounted.sup, mountpoint))
 
     # --- mounts -------------------------------------------------------------------------------
@@ -211,13 +213,15 @@ class ApiRoutes:
         kind = FS_TYPES.get(body.fs_type)
         if kind is None:
             raise BadRequest(f"unknown fs_type {body.fs_type!r} (rafs or passthrough_fs)")
-        if kind != "rafs":
-            raise Unsupported(f"fs_type {body.fs_type}: passthrough_fs is not available")
         try:
-            config = load_config(body.config, strict=True)
+            if kind == "passthrough_fs" and not body.config.strip():
+                config = ConfigV2()  # a shared directory needs no config
+            else:
+                config = load_config(body.config, strict=True)
         except ConfigError as e:
             raise BadRequest(f"invalid config: {e}") from None
-        return MountCmd("rafs", body.source, config, mountpoint, body.prefetch_files)
+        return MountCmd(kind, body.source, config, mountpoint, body.prefetch_files,
+                        writable=self.daemon.writable)  # fmt: skip
 
     async def mount(self, req: Request) -> Response:
         cmd = self._mount_cmd(req)

@@ -250,7 +250,7 @@ def format_mounted_time(seconds: float) -> str:
 def backend_descriptor(mounted: MountedFs) -> dict[str, Any]:
     """Upstream's ``FsBackendDescriptor`` of one mount (config without secrets)."""
     return {
-        "backend_type": "Rafs",
+        "backend_type": "Rafs" if mounted.sup is not None else "PassthroughFs",
         "mountpoint": mounted.cmd.mountpoint,
         "mounted_time": format_mounted_time(mounted.mounted_time),
         "config": mounted.cmd.config.to_dict(secrets=False),

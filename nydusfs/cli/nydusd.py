@@ -1,7 +1,10 @@
 """``nydusd``: mount RAFS images on a FUSE mount point (upstream's flags and config files).
 
 ``nydusd [fuse] --config C --bootstrap B --mountpoint M`` (the ``fuse`` subcommand and the
-top-level form are the same, as upstream). With ``--apisock S`` the daemon serves the HTTP API
+top-level form are the same, as upstream). ``--shared-dir D`` serves a host directory
+(passthroughfs) instead; ``--writable`` mounts read-write, and with the v2 config's
+``overlay: {upper_dir, work_dir}`` the image becomes the lower layer of a writable overlay.
+With ``--apisock S`` the daemon serves the HTTP API
 on ``S``; without ``--bootstrap`` it then starts with an empty root and images are mounted
 through the API (``POST /api/v1/mount``). Parsing only: the daemon is ``nydusfs.daemon``.
 User errors print one ``nydusd: <message>`` line and exit 1 (2 for usage errors).
@@ -71,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _refuse_unavailable(args: argparse.Namespace) -> None:
     unavailable = {
-        "shared_dir": "passthroughfs (--shared-dir)",
         "dedup_db": "the chunk dedup database (--dedup-db)",
         "supervisor": "hot upgrade (--supervisor)",
         "id": "hot upgrade (--id)",
@@ -81,8 +83,6 @@ def _refuse_unavailable(args: argparse.Namespace) -> None:
             raise NydusError(f"{what} is not available in this build")
     if args.upgrade:
         raise NydusError("hot upgrade (--upgrade) is not available in this build")
-    if args.writable:
-        raise NydusError("--writable needs the overlay filesystem, not available in this build")
 
 
 def mount_commands(args: argparse.Namespace) -> list[MountCmd]:
@@ -99,6 +99,13 @@ def mount_commands(args: argparse.Namespace) -> list[MountCmd]:
         args.bootstrap, image_config = prepare_image(ref, base)
     if args.prefetch_files and not args.bootstrap:
         raise ConfigError("--prefetch-files requires --bootstrap")
+    if args.shared_dir and args.bootstrap:
+        raise ConfigError("--shared-dir conflicts with --bootstrap")
+    if args.shared_dir:
+        config = load_config_file(args.config) if args.config else ConfigV2()
+        shared = os.path.abspath(args.shared_dir)
+        return [MountCmd("passthrough_fs", shared, config, args.virtual_mountpoint,
+                         writable=args.writable)]  # fmt: skip
     if not args.bootstrap:
         return []
     if args.image:
@@ -116,7 +123,8 @@ def mount_commands(args: argparse.Namespace) -> list[MountCmd]:
                 files = [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise ConfigError(f"cannot read --prefetch-files {args.prefetch_files}: {e}") from e
-    return [MountCmd("rafs", args.bootstrap, config, args.virtual_mountpoint, files)]
+    return [MountCmd("rafs", args.bootstrap, config, args.virtual_mountpoint, files,
+                     writable=args.writable)]  # fmt: skip
 
 
 def _raise_nofile(limit: int) -> None:
@@ -159,7 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = mount_commands(args)
         _raise_nofile(args.rlimit_nofile)
         apisock = os.path.abspath(args.apisock) if args.apisock else None
-        daemon = Daemon(os.path.abspath(args.mountpoint), threads=args.threads, api_socket=apisock)
+        daemon = Daemon(
+            os.path.abspath(args.mountpoint), threads=args.threads, writable=args.writable,
+            api_socket=apisock,
+        )  # fmt: skip
         trio.run(daemon.run, commands)
     except BaseException as e:
         leaf = _single(e)

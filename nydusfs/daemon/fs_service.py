@@ -1,7 +1,10 @@
 """``FsService``: mount and umount filesystems in a daemon's ``Vfs`` (upstream's FsService).
 
-A ``MountCmd`` names a filesystem type, its source (a bootstrap for ``rafs``), a config and a
-mount point inside the VFS. For RAFS the service builds the chain the image needs: bootstrap
+A ``MountCmd`` names a filesystem type, its source (a bootstrap for ``rafs``, a host directory
+for ``passthrough_fs``), a config and a mount point inside the VFS. A RAFS mount whose config
+has an ``overlay`` section (``upper_dir``, ``work_dir``) is served as an ``OverlayFs`` with the
+image as its lower layer: writable when the command says so (``nydusd --writable``), else
+read-only. For RAFS the service builds the chain the image needs: bootstrap
 reader, blob backend, ``BlobDevice`` (cache and prefetch) and ``RafsFs``; umount tears the chain
 down in reverse. Each mount's resources are kept together so a failure while mounting releases
 everything it had opened, and other mounts never notice.
@@ -21,6 +24,7 @@ remount are serialized by one lock (as upstream, whose API thread runs them one 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +32,11 @@ from dataclasses import dataclass, field
 import trio
 
 from nydusfs.config import ConfigV2
-from nydusfs.errors import ConfigError, NydusError, UnsupportedError
+from nydusfs.errors import ConfigError, NydusError
 from nydusfs.filesystem import ROOT_INODE
 from nydusfs.metrics import FsIoStats
+from nydusfs.overlay import OverlayFs
+from nydusfs.passthrough import PassthroughFs
 from nydusfs.rafs.fs import RafsFs
 from nydusfs.rafs.superblock import RafsSuper
 from nydusfs.storage.backends import new_backend
@@ -59,13 +65,17 @@ class MountCmd:
     config: ConfigV2
     mountpoint: str
     prefetch_files: list[str] = field(default_factory=list)
+    writable: bool = False  # passthrough and overlay: serve writes (else EROFS)
+
+
+ServedFs = RafsFs | PassthroughFs | OverlayFs
 
 
 @dataclass(slots=True)
 class MountedFs:
     cmd: MountCmd
-    fs: RafsFs
-    sup: RafsSuper
+    fs: ServedFs
+    sup: RafsSuper | None  # None for passthrough_fs
     backend: BlobBackend | None
     device: BlobDevice | None
     index: int
@@ -102,7 +112,7 @@ class FsService:
             mounted = self._started(cmd, fs, sup, backend, device, index)
             self.mounts[cmd.mountpoint] = mounted
             await self._start_prefetch(mounted)
-        log.info("mounted %s (rafs v%d) at %s", cmd.source, sup.meta.version, cmd.mountpoint)
+        log.info("mounted %s (%s) at %s", cmd.source, _describe(fs, sup), cmd.mountpoint)
         return mounted
 
     async def remount(self, cmd: MountCmd) -> MountedFs:
@@ -156,7 +166,10 @@ class FsService:
     # --- helpers ------------------------------------------------------------------------------
     async def _open(
         self, cmd: MountCmd
-    ) -> tuple[RafsSuper, BlobBackend | None, BlobDevice | None, RafsFs]:
+    ) -> tuple[RafsSuper | None, BlobBackend | None, BlobDevice | None, ServedFs]:
+        if FS_TYPES[cmd.fs_type] == "passthrough_fs":
+            fs = await trio.to_thread.run_sync(_open_passthrough, cmd)
+            return None, None, None, fs
         sup, backend, device = await trio.to_thread.run_sync(_open_rafs, cmd)
         try:
             rafs = cmd.config.rafs
@@ -166,17 +179,23 @@ class FsService:
                 access_pattern_enabled=rafs.access_pattern,
                 record_latest_read_files_enabled=rafs.latest_read_files,
             )
-            fs = RafsFs(sup, device, enable_xattr=rafs.enable_xattr, stats=stats)
+            lower = RafsFs(sup, device, enable_xattr=rafs.enable_xattr, stats=stats)
+            overlay = cmd.config.overlay
+            served: ServedFs = lower
+            if overlay is not None and overlay.upper_dir:
+                served = OverlayFs(
+                    [lower], overlay.upper_dir, overlay.work_dir, writable=cmd.writable
+                )
         except BaseException:
             await _close(sup, backend, device)
             raise
-        return sup, backend, device, fs
+        return sup, backend, device, served
 
     def _started(
         self,
         cmd: MountCmd,
-        fs: RafsFs,
-        sup: RafsSuper,
+        fs: ServedFs,
+        sup: RafsSuper | None,
         backend: BlobBackend | None,
         device: BlobDevice | None,
         index: int,
@@ -187,7 +206,7 @@ class FsService:
 
     def _kernel_entries(self, mountpoint: str, mounted: MountedFs) -> list[tuple[int, bytes]]:
         """The kernel dentries that lead into ``mounted`` (taken while it is still mounted)."""
-        if self.invalidate is None:
+        if self.invalidate is None or mounted.sup is None:
             return []
         entry = self.vfs.entry_of(mountpoint)
         if entry is not None:
@@ -220,7 +239,7 @@ class FsService:
 
     async def _start_prefetch(self, mounted: MountedFs) -> None:
         device, config = mounted.device, mounted.cmd.config
-        if device is None:
+        if device is None or mounted.sup is None:
             return
         if config.cache.prefetch.enable:
             await device.prefetch_blobs()
@@ -236,8 +255,6 @@ def _check_fs_type(fs_type: str) -> None:
     kind = FS_TYPES.get(fs_type)
     if kind is None:
         raise ConfigError(f"unknown filesystem type {fs_type!r} (rafs or passthrough_fs)")
-    if kind != "rafs":
-        raise UnsupportedError("passthrough_fs is not available in this build")
 
 
 def prefetch_chunks(sup: RafsSuper, files: Sequence[str], prefetch_all: bool) -> list[ChunkInfo]:
@@ -273,6 +290,19 @@ def prefetch_chunks(sup: RafsSuper, files: Sequence[str], prefetch_all: bool) ->
     return chunks
 
 
+def _describe(fs: ServedFs, sup: RafsSuper | None) -> str:
+    if sup is None:
+        return "passthrough_fs"
+    kind = "overlay over " if isinstance(fs, OverlayFs) else ""
+    return f"{kind}rafs v{sup.meta.version}"
+
+
+def _open_passthrough(cmd: MountCmd) -> PassthroughFs:
+    if not os.path.isdir(cmd.source):
+        raise ConfigError(f"passthrough_fs source {cmd.source} is not a directory")
+    return PassthroughFs(cmd.source, writable=cmd.writable)
+
+
 def _open_rafs(cmd: MountCmd) -> tuple[RafsSuper, BlobBackend | None, BlobDevice | None]:
     sup = RafsSuper.load(cmd.source)
     backend: BlobBackend | None = None
@@ -298,9 +328,12 @@ async def _release(mounted: MountedFs) -> None:
         await _close(mounted.sup, mounted.backend, mounted.device)
 
 
-async def _close(sup: RafsSuper, backend: BlobBackend | None, device: BlobDevice | None) -> None:
+async def _close(
+    sup: RafsSuper | None, backend: BlobBackend | None, device: BlobDevice | None
+) -> None:
     if device is not None:
         await device.close()
     if backend is not None:
         await trio.to_thread.run_sync(backend.close)
-    sup.close()
+    if sup is not None:
+        sup.close()

@@ -331,6 +331,11 @@ class Vfs(FileSystem):
         if mount is not None:
             await mount.fs.releasedir(ctx, inner, fh)
 
+    async def fsyncdir(self, ctx: Context, inode: int, fh: int, datasync: bool) -> None:
+        mount, inner = self._route(inode)
+        if mount is not None:
+            await mount.fs.fsyncdir(ctx, inner, fh, datasync)
+
     def _fix_dirent(self, mount: Mount, inner: int, entry: DirEntry) -> DirEntry:
         if entry.name == b".." and inner == ROOT_INODE and mount.index != self._root_index:
             # The parent of a mount root is the pseudo directory holding the mount point.

@@ -224,7 +224,7 @@ def bad_inputs(images: Images) -> list[tuple[str, int, str, dict[str, str] | Non
             {**ok, "config": json.dumps({"version": 2, "rafs": {"mdoe": "direct"}})},
         ),
         ("POST", 400, "unknown fs_type", mp, {**ok, "fs_type": "ext4"}),
-        ("POST", 501, "passthrough_fs is not available", mp, {**ok, "fs_type": "passthrough_fs"}),
+        ("POST", 400, "is not a directory", mp, {**ok, "fs_type": "passthrough_fs"}),
         ("POST", 409, "already mounted", {"mountpoint": "/good"}, ok),
         ("POST", 400, "inside another mount", {"mountpoint": "/good/sub"}, ok),
         ("POST", 400, "needs a json request body", mp, None),
@@ -293,7 +293,7 @@ def test_nydusctl(images: Images, tmp_path: Path) -> None:
             "passthrough_fs",
             check=False,
         )
-        assert bad.returncode == 1 and "501" in bad.stderr and "not available" in bad.stderr
+        assert bad.returncode == 1 and "400" in bad.stderr and "not a directory" in bad.stderr
         bad = d.nydusctl(
             "mount",
             "-s",

@@ -175,7 +175,8 @@ def test_stale_mount_after_kill_is_recovered(small_tree: Path, tmp_path: Path) -
     [
         (["-C", "/nonexistent.json", "-B", "/x"], "cannot read config file /nonexistent.json"),
         (["-B", "/nonexistent.boot", "-D", "/tmp"], "cannot open bootstrap /nonexistent.boot"),
-        (["--shared-dir", "/tmp"], "passthroughfs (--shared-dir) is not available"),
+        (["--shared-dir", "/nonexistent"], "passthrough_fs source /nonexistent is not a direc"),
+        (["--shared-dir", "/tmp", "-B", "/x"], "--shared-dir conflicts with --bootstrap"),
         (["--prefetch-files", "/tmp/x"], "--prefetch-files requires --bootstrap"),
     ],
 )
