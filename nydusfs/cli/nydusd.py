@@ -27,7 +27,7 @@ from nydusfs.errors import ConfigError, NydusError
 
 log = logging.getLogger("nydusd")
 
-UNAVAILABLE_SUBCOMMANDS = ("virtiofs", "singleton", "nbd", "uffd")
+UNAVAILABLE_SUBCOMMANDS = ("singleton", "nbd", "uffd")
 
 
 def _threads(text: str) -> int:
@@ -129,6 +129,10 @@ def _raise_nofile(limit: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "virtiofs":
+        from nydusfs.cli.nydusd_virtiofs import main as virtiofs_main
+
+        return virtiofs_main(argv[1:])
     if argv and argv[0] in UNAVAILABLE_SUBCOMMANDS:
         print(f"nydusd: the {argv[0]} frontend is not available in this build", file=sys.stderr)
         return 2
