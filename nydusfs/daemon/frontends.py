@@ -10,6 +10,7 @@ QEMU guests. The daemon's state machine, API and mounts are the same behind each
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ from nydusfs.errors import NydusError
 
 if TYPE_CHECKING:
     from nydusfs.daemon.daemon import Daemon
+
+log = logging.getLogger(__name__)
 
 TRANSPORT_ENV = "NYDUSD_FUSE_TRANSPORT"
 FUSE_TRANSPORTS = ("pyfuse3", "fusedev")
@@ -65,6 +68,7 @@ class FuseFrontend(Frontend):
 
             notifier = pyfuse3_frontend.KernelNotifier()
             serve = pyfuse3_frontend.serve
+        log.info("FUSE transport: %s", self.transport)
         daemon.service.invalidate = notifier.invalidate
         try:
             await serve(

@@ -70,9 +70,7 @@ def build_initramfs(out: Path, script: str) -> Path:
         (root / "init").write_text(_INIT)
         (root / "init").chmod(0o755)
         (root / "harness.sh").write_text(script)
-        files = subprocess.run(
-            ["find", "."], cwd=root, check=True, capture_output=True
-        ).stdout
+        files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
         cpio = subprocess.run(
             ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, check=True,
             capture_output=True,
