@@ -12,23 +12,31 @@ lines as they arrive (for a test that changes the daemon while the guest runs).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from tests.helpers.tree import Snapshot
+from tests.mount.nydusd_proc import REPO
 
 HERE = Path(__file__).resolve().parent
 GUEST_DIR = Path(os.environ.get("NYDUSFS_GUEST_DIR", "/var/cache/nydusfs/guest"))
 QEMU = "qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 DONE = "HARNESS-DONE"
+# no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can time out and
+# panic ("IO-APIC + timer doesn't work"); the check is meant for broken hardware, not for us.
+APPEND = "console=ttyS0 quiet panic=-1 no_timer_check"
 
 _INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -98,7 +106,7 @@ class Guest:
             "-serial", "stdio", "-display", "none", "-no-reboot",
             "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
             "-numa", "node,memdev=mem", "-kernel", str(kernel), "-initrd", str(initramfs),
-            "-append", "console=ttyS0 quiet panic=-1",
+            "-append", APPEND,
         ]  # fmt: skip
         for i, (sock, tag) in enumerate(devices):
             cmd += ["-chardev", f"socket,id=vfs{i},path={sock}"]
@@ -193,3 +201,35 @@ def is_socket(path: str) -> bool:
         return stat.S_ISSOCK(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def virtiofs_daemon(
+    sock: Path, *args: str, apisock: Path | None = None, timeout: float = 20.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``nydusd virtiofs --sock SOCK ARGS``, yielded once the vhost-user (and API) socket
+    listens; stopped with SIGTERM, which must end it cleanly (rc 0)."""
+    cmd = [sys.executable, "-m", "nydusfs.cli.nydusd", "virtiofs", "--sock", str(sock), *args]
+    if apisock is not None:
+        cmd += ["--apisock", str(apisock)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not is_socket(str(sock)) or (apisock is not None and not is_socket(str(apisock))):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"nydusd virtiofs exited with {proc.returncode}: {err}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nydusd virtiofs did not listen on {sock} in {timeout}s")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
