@@ -9,7 +9,8 @@ BENCH_ARGS ?=
 # Kernel peers and tools the tests drive (erofs-utils, squashfuse, ...), the servers the
 # backend tests run on loopback (nginx, docker-registry), and what pyfuse3 needs to build.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc erofs-utils squashfuse squashfs-tools \
-	attr acl gdisk util-linux kmod nginx-light docker-registry curl
+	attr acl gdisk util-linux kmod nginx-light docker-registry curl \
+	qemu-system-x86 busybox-static cpio libc6-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -qq -o Dpkg::Use-Pty=0
 
@@ -27,6 +28,7 @@ deps:
 		echo "deps: installing$$missing"; \
 		$(APT) update && $(APT) install -y --no-install-recommends $$missing >/dev/null; \
 	fi
+	@tests/e2e/fetch-guest-kernel.sh  # the virtio-fs guest kernel (not installed, only kept)
 	@echo "deps: pip install -e '.[test,fuse]'"
 	@$(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore \
 		-e '.[test,fuse]'

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""virtio-fs benchmark: nydusd's vhost-user-fs device against QEMU's virtiofsd, one guest.
+
+One QEMU (TCG) guest gets two virtio-fs devices: ``nydus`` served by ``nydusd virtiofs`` from a
+RAFS v6 image (zstd, blob cache in a fresh work dir) and ``ref`` served by QEMU's own C
+``virtiofsd`` (``/usr/lib/qemu/virtiofsd``, QEMU 7.2; Debian bookworm has no separate
+virtiofsd package) sharing the unpacked source tree. The guest times, for each device in turn:
+
+* walk: ``find`` over the whole tree (lookups, getattr, readdir);
+* read: every regular file read whole (``cat`` to /dev/null);
+
+``--passes`` times. The guest's page and dentry caches are dropped before each operation, so
+each pass asks the daemon again; the first pass is cold on the host (host page cache dropped,
+nydusd's blob cache empty), later passes are warm. Times come from the guest's /proc/uptime
+(10 ms resolution). Everything runs under TCG, so absolute figures are far below hardware
+speed; the ratio is what to look at. Prints figures, asserts nothing.
+
+Needs root, ``qemu-system-x86``, ``busybox-static``, ``cpio``, ``gcc`` and the guest kernel
+that ``make deps`` fetches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
+
+from nydusfs.rafs.builder.build import BuildOptions, build
+from tests.e2e.guest import (
+    VIRTIOFSD,
+    Guest,
+    build_initramfs,
+    is_socket,
+    missing_tools,
+    virtiofs_daemon,
+)
+from tests.mount.nydusd_proc import localfs_config, write_config
+
+DEVICES = ("nydus", "ref")
+
+SCRIPT = """
+for tag in {tags}; do
+    mkdir -p /mnt/$tag && mount -t virtiofs $tag /mnt/$tag || exit 1
+done
+now() {{ cut -d' ' -f1 /proc/uptime; }}
+for pass in $(seq 1 {passes}); do
+    for tag in {tags}; do
+        sync; echo 3 > /proc/sys/vm/drop_caches
+        t0=$(now); n=$(find /mnt/$tag | wc -l); t1=$(now)
+        echo "BENCH $pass $tag walk $t0 $t1 $n"
+        sync; echo 3 > /proc/sys/vm/drop_caches
+        t0=$(now); find /mnt/$tag -type f -exec cat {{}} + | wc -c > /tmp/bytes; t1=$(now)
+        echo "BENCH $pass $tag read $t0 $t1 $(cat /tmp/bytes)"
+    done
+done
+"""
+
+
+def _image(src: Path, out: Path) -> None:
+    build(BuildOptions(source=str(src), bootstrap=str(out / "image.boot"), blob_dir=str(out)))
+
+
+def _start_virtiofsd(sock: Path, source: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={source}", "-o", "cache=auto"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not is_socket(str(sock)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"bench: virtiofsd did not start: {proc.stderr.read()!r}")
+        time.sleep(0.05)
+    return proc
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--files", type=int, default=2000)
+    p.add_argument("--mbytes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp/nydusfs-bench/virtiofs"))
+    args = p.parse_args()
+    missing = missing_tools() + ([] if os.path.exists(VIRTIOFSD) else [VIRTIOFSD])
+    if missing:
+        raise SystemExit(f"bench: missing {', '.join(missing)} (make deps)")
+    src, nfiles, nbytes = _common.ensure_tree(
+        args.workdir, files=args.files, mbytes=args.mbytes, seed=args.seed
+    )
+    images = args.workdir / "image"
+    params = {"tree": [nfiles, nbytes], "code": _common.source_digest([_common.REPO / "nydusfs"])}
+    if _common.reuse_or_build(images, params, lambda out: _image(src, out)):
+        print("bench: built the RAFS image", flush=True)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        run = Path(tmp)
+        initramfs = build_initramfs(
+            run / "initramfs.cpio", SCRIPT.format(tags=" ".join(DEVICES), passes=args.passes)
+        )
+        config = write_config(run / "config.json", localfs_config(images, run / "cache"))
+        socks = {tag: run / f"{tag}.sock" for tag in DEVICES}
+        _common.drop_caches()
+        ref = _start_virtiofsd(socks["ref"], src)
+        try:
+            nydus_args = ["--config", str(config), "--bootstrap", str(images / "image.boot")]
+            with virtiofs_daemon(socks["nydus"], *nydus_args, "--log-level", "warn"):
+                guest = Guest(initramfs, [(str(socks[t]), t) for t in DEVICES], memory_mb=512)
+                lines = guest.run(timeout=3600)
+        finally:
+            if ref.poll() is None:
+                ref.terminate()
+            ref.wait()
+    _report(lines, nfiles, nbytes, args.passes)
+    return 0
+
+
+def _report(lines: list[str], nfiles: int, nbytes: int, passes: int) -> None:
+    times: dict[tuple[str, str, str], float] = {}
+    counts: dict[tuple[str, str], set[str]] = {}
+    for line in lines:
+        if line.startswith("BENCH "):
+            _, npass, tag, op, t0, t1, n = line.split()
+            phase = "cold" if npass == "1" else "warm"
+            key = (tag, op, phase)
+            if phase == "warm" and key in times:
+                times[key] = statistics.median([times[key], float(t1) - float(t0)])
+            times.setdefault(key, float(t1) - float(t0))
+            counts.setdefault((tag, op), set()).add(n)
+    print(f"\ntree: {nfiles} files, {nbytes / 1e6:.1f} MB; guest under TCG; "
+          f"{passes} passes (1 cold, the rest warm: median)")  # fmt: skip
+    for (tag, op), seen in sorted(counts.items()):
+        print(f"  {tag} {op}: {'entries' if op == 'walk' else 'bytes'} read {', '.join(seen)}")
+    rows = []
+    for op in ("walk", "read"):
+        for phase in ("cold", "warm"):
+            mine, peer = times.get(("nydus", op, phase)), times.get(("ref", op, phase))
+            if mine is None or peer is None:
+                continue
+            mbs = [f"{nbytes / 1e6 / t:.1f}" if op == "read" and t else "-" for t in (mine, peer)]
+            ratio = f"{mine / peer:.2f}x" if peer else "-"
+            rows.append([op, phase, f"{mine:.2f}", mbs[0], f"{peer:.2f}", mbs[1], ratio])
+    cols = ["op", "phase", "nydusd s", "MB/s", "virtiofsd s", "MB/s", "nydusd/virtiofsd"]
+    _common.print_rows(cols, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
