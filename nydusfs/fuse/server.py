@@ -234,7 +234,7 @@ class FuseServer:
         if opcode in abi.NO_REPLY or opcode == Opcode.NOTIFY_REPLY:
             await self._no_reply(req)
             return None
-        token = self.inflight.begin(req.nodeid, _op_name(opcode)) if self.inflight else None
+        token = None if self.inflight is None else self.inflight.begin(req.nodeid, _op_name(opcode))
         try:
             if opcode == Opcode.INIT:
                 payload = await self._init(req)
