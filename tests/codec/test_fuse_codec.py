@@ -299,3 +299,23 @@ def test_filesystem_bug_is_eio_and_serving_goes_on(s: Session) -> None:
     s.fs.statfs = broken  # type: ignore[method-assign]
     assert s.error(STATFS, 1) == errno.EIO
     assert s.ok(GETATTR, 1, bytes(16))
+
+
+def test_requests_are_listed_in_flight_while_they_run() -> None:
+    from nydusfs.metrics import InflightTracker
+
+    tracker = InflightTracker()
+    fs = MemFs()
+    seen: list[list[dict[str, Any]]] = []
+
+    async def getattr_(*args: Any) -> Any:
+        seen.append(tracker.to_list())
+        return await MemFs.getattr(fs, *args)
+
+    fs.getattr = getattr_  # type: ignore[method-assign]
+    s = Session(fs)
+    s.server.inflight = tracker
+    s.init()
+    s.ok(GETATTR, 1, bytes(16))
+    assert [(op["inode"], op["opcode"]) for op in seen[0]] == [(1, GETATTR)]
+    assert len(tracker) == 0
