@@ -3,7 +3,9 @@
 One boot (TCG, ~10 s) covers the whole path: the guest walks a RAFS image (listing, sha256 of
 every file, symlinks, devices, hard links, xattrs, modes and owners) with ``vfswalk``; then,
 while it runs, the test adds two more images through the HTTP API and the guest walks those
-pseudo mounts too. Every walk must equal the snapshot of the image's source tree.
+pseudo mounts too; then the guest resets the device (driver unbind and bind: QEMU stops and
+restarts the rings, a new FUSE session begins) and walks one again. Every walk must equal the
+snapshot of the image's source tree, and the daemon must outlive the guest.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ walk M1 /mnt/m1
 walk M2 /mnt/m2
 cat /mnt/base/no-such-file 2>/dev/null || echo "HARNESS: enoent ok"
 umount /mnt && echo "HARNESS: unmounted"
+# A device reset: unbind and rebind the driver (QEMU stops and restarts the vhost rings).
+drv=/sys/bus/virtio/drivers/virtiofs
+dev=$(basename $drv/virtio*)
+echo $dev > $drv/unbind && echo $dev > $drv/bind && echo "HARNESS: rebound $dev"
+mount -t virtiofs nydus /mnt && walk AGAIN /mnt/m2 && umount /mnt
 """
 
 
@@ -83,10 +90,11 @@ def test_guest_reads_image_and_live_pseudo_mounts(
     assert not errors, errors
     assert mounted.is_set()
     output = "\n".join(lines)
-    for marker in ("HARNESS: mounted", "HARNESS: enoent ok", "HARNESS: unmounted"):
+    for marker in ("HARNESS: mounted", "HARNESS: enoent ok", "HARNESS: unmounted", "WALK AGAIN"):
         assert marker in output, guest.tail()
     assert sorted(line[5:] for line in lines if line.startswith("ROOT ")) == ["base"]
-    for prefix, source in (("BASE", small_tree), ("M1", trees[0]), ("M2", trees[1])):
+    walks = (("BASE", small_tree), ("M1", trees[0]), ("M2", trees[1]), ("AGAIN", trees[1]))
+    for prefix, source in walks:
         assert f"WALK {prefix} rc=0" in output, guest.tail()
         seen = parse_walk(lines, prefix)
         assert len(seen) > 10
