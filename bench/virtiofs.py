@@ -12,8 +12,10 @@ virtiofsd package) sharing the unpacked source tree. The guest times, for each d
 ``--passes`` times. The guest's page and dentry caches are dropped before each operation, so
 each pass asks the daemon again; the first pass is cold on the host (host page cache dropped,
 nydusd's blob cache empty), later passes are warm. Times come from the guest's /proc/uptime
-(10 ms resolution). Everything runs under TCG, so absolute figures are far below hardware
-speed; the ratio is what to look at. Prints figures, asserts nothing.
+(10 ms resolution). Everything runs under TCG, so the guest itself is slow and bounds the
+wall times; the host CPU seconds each daemon spent serving its own operation (from
+/proc/PID/stat, sampled as the guest reports each operation's start and end) show the
+daemons' own cost. Prints figures, asserts nothing.
 
 Needs root, ``qemu-system-x86``, ``busybox-static``, ``cpio``, ``gcc`` and the guest kernel
 that ``make deps`` fetches.
@@ -53,10 +55,10 @@ done
 now() {{ cut -d' ' -f1 /proc/uptime; }}
 for pass in $(seq 1 {passes}); do
     for tag in {tags}; do
-        sync; echo 3 > /proc/sys/vm/drop_caches
+        sync; echo 3 > /proc/sys/vm/drop_caches; echo BEGIN
         t0=$(now); n=$(find /mnt/$tag | wc -l); t1=$(now)
         echo "BENCH $pass $tag walk $t0 $t1 $n"
-        sync; echo 3 > /proc/sys/vm/drop_caches
+        sync; echo 3 > /proc/sys/vm/drop_caches; echo BEGIN
         t0=$(now); find /mnt/$tag -type f -exec cat {{}} + | wc -c > /tmp/bytes; t1=$(now)
         echo "BENCH $pass $tag read $t0 $t1 $(cat /tmp/bytes)"
     done
@@ -106,22 +108,59 @@ def main() -> int:
         )
         config = write_config(run / "config.json", localfs_config(images, run / "cache"))
         socks = {tag: run / f"{tag}.sock" for tag in DEVICES}
+        cpu: dict[tuple[str, str, str], float] = {}
         _common.drop_caches()
         ref = _start_virtiofsd(socks["ref"], src)
         try:
             nydus_args = ["--config", str(config), "--bootstrap", str(images / "image.boot")]
-            with virtiofs_daemon(socks["nydus"], *nydus_args, "--log-level", "warn"):
-                guest = Guest(initramfs, [(str(socks[t]), t) for t in DEVICES], memory_mb=512)
+            with virtiofs_daemon(socks["nydus"], *nydus_args, "--log-level", "warn") as nydus:
+                pids = {"nydus": nydus.pid, "ref": ref.pid}
+                begin: dict[str, float] = {}
+
+                def on_line(line: str) -> None:
+                    # Host CPU of both daemons at each operation's start and end.
+                    now = {tag: _cpu_seconds(pid) for tag, pid in pids.items()}
+                    if line == "BEGIN":
+                        begin.update(now)
+                    elif line.startswith("BENCH ") and begin:
+                        _, npass, tag, op = line.split()[:4]
+                        cpu[(npass, tag, op)] = now[tag] - begin[tag]
+
+                devices = [(str(socks[t]), t) for t in DEVICES]
+                guest = Guest(initramfs, devices, memory_mb=512, on_line=on_line)
                 lines = guest.run(timeout=3600)
         finally:
             if ref.poll() is None:
                 ref.terminate()
             ref.wait()
-    _report(lines, nfiles, nbytes, args.passes)
+    _report(lines, cpu, nfiles, nbytes, args.passes)
     return 0
 
 
-def _report(lines: list[str], nfiles: int, nbytes: int, passes: int) -> None:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process and its descendants (virtiofsd serves from
+    a child in its sandbox); 0 once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        children: list[int] = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except OSError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(_cpu_seconds(child) for child in children)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _report(
+    lines: list[str], cpu: dict[tuple[str, str, str], float], nfiles: int, nbytes: int,
+    passes: int,
+) -> None:  # fmt: skip
     times: dict[tuple[str, str, str], float] = {}
     counts: dict[tuple[str, str], set[str]] = {}
     for line in lines:
@@ -145,8 +184,17 @@ def _report(lines: list[str], nfiles: int, nbytes: int, passes: int) -> None:
                 continue
             mbs = [f"{nbytes / 1e6 / t:.1f}" if op == "read" and t else "-" for t in (mine, peer)]
             ratio = f"{mine / peer:.2f}x" if peer else "-"
-            rows.append([op, phase, f"{mine:.2f}", mbs[0], f"{peer:.2f}", mbs[1], ratio])
-    cols = ["op", "phase", "nydusd s", "MB/s", "virtiofsd s", "MB/s", "nydusd/virtiofsd"]
+            passes_of = ["1"] if phase == "cold" else [str(i) for i in range(2, passes + 1)]
+            c_mine, c_peer = (
+                _median([cpu[(n, tag, op)] for n in passes_of if (n, tag, op) in cpu])
+                for tag in ("nydus", "ref")
+            )
+            cpu_cols = [f"{c:.2f}" if c is not None else "-" for c in (c_mine, c_peer)]
+            cpu_ratio = f"{c_mine / c_peer:.1f}x" if c_mine is not None and c_peer else "-"
+            rows.append([op, phase, f"{mine:.2f}", mbs[0], f"{peer:.2f}", mbs[1], ratio,
+                         *cpu_cols, cpu_ratio])  # fmt: skip
+    cols = ["op", "phase", "nydusd s", "MB/s", "virtiofsd s", "MB/s", "ratio",
+            "nydusd CPU s", "virtiofsd CPU s", "CPU ratio"]  # fmt: skip
     _common.print_rows(cols, rows)
 
 
