@@ -24,7 +24,8 @@ import trio
 from nydusfs.filesystem import FileSystem
 from nydusfs.fuse import abi
 from nydusfs.fuse.bdi import set_readahead
-from nydusfs.fuse.server import Buffers, FuseServer
+from nydusfs.fuse.server import FuseServer
+from nydusfs.fuse.wire import Buffers
 from nydusfs.metrics import InflightTracker
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-import struct
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
@@ -46,18 +45,29 @@ from nydusfs.filesystem import (
 )
 from nydusfs.fuse import abi
 from nydusfs.fuse.abi import Opcode
+from nydusfs.fuse.wire import (
+    NO_ENTRY,
+    Buffers,
+    FuseInvalid,
+    Request,
+    dirent,
+    encode_attr,
+    encode_entry,
+    error_reply,
+    join_ns,
+    out_header,
+    split_timeout,
+)
 from nydusfs.metrics import InflightTracker
 from nydusfs.types import Attr, Context, Entry
 
 log = logging.getLogger(__name__)
 
-Buffers = list[bytes | memoryview]
 
 _SETATTR_BITS = (
     SETATTR_MODE | SETATTR_UID | SETATTR_GID | SETATTR_SIZE | SETATTR_ATIME | SETATTR_MTIME
     | SETATTR_ATIME_NOW | SETATTR_MTIME_NOW | SETATTR_CTIME
 )  # fmt: skip
-_U64_MASK = (1 << 64) - 1
 _MAX_OFFSET = (1 << 63) - 1
 MAX_READ = 1 << 20
 # What the server asks of the kernel, when the kernel offers it.
@@ -67,114 +77,10 @@ WANTED_FLAGS = (
 )  # fmt: skip
 
 
-class FuseInvalid(Exception):
-    """A request the server refuses; answered with ``-errno``."""
-
-    def __init__(self, err: int, why: str) -> None:
-        super().__init__(why)
-        self.errno = err
-
-
-class Request:
-    """One parsed request: the header fields and a cursor over the body."""
-
-    __slots__ = ("body", "gid", "nodeid", "opcode", "pid", "pos", "uid", "unique")
-
-    def __init__(self, header: tuple[int, ...], body: memoryview) -> None:
-        _, self.opcode, self.unique, self.nodeid, self.uid, self.gid, self.pid, _, _ = header
-        self.body = body
-        self.pos = 0
-
-    def take(self, layout: struct.Struct) -> tuple[int, ...]:
-        end = self.pos + layout.size
-        if end > len(self.body):
-            raise FuseInvalid(errno.EINVAL, f"body too short for {layout.size} bytes")
-        values = layout.unpack_from(self.body, self.pos)
-        self.pos = end
-        return values
-
-    def rest(self) -> memoryview:
-        data = self.body[self.pos :]
-        self.pos = len(self.body)
-        return data
-
-    def string(self) -> bytes:
-        """The next NUL-terminated string."""
-        rest = bytes(self.body[self.pos :])
-        end = rest.find(b"\0")
-        if end < 0:
-            raise FuseInvalid(errno.EINVAL, "string without its NUL terminator")
-        self.pos += end + 1
-        return rest[:end]
-
-    def name(self, dots: int = errno.EINVAL) -> bytes:
-        """The next string, checked to be a single path component (``.``/``..``: ``dots``)."""
-        name = self.string()
-        if name in (b".", b".."):
-            raise FuseInvalid(dots, f"{name!r} is not a name here")
-        if not name or b"/" in name:
-            raise FuseInvalid(errno.EINVAL, f"invalid name {name[:64]!r}")
-        if len(name) > abi.MAX_NAME:
-            raise FuseInvalid(errno.ENAMETOOLONG, "name longer than NAME_MAX")
-        return name
-
-    def xattr_name(self) -> bytes:
-        name = self.string()
-        if not name:
-            raise FuseInvalid(errno.EINVAL, "empty xattr name")
-        if len(name) > abi.MAX_XATTR_NAME:
-            raise FuseInvalid(errno.ERANGE, "xattr name too long")
-        return name
-
-    def context(self, umask: int = 0o022) -> Context:
-        return Context(self.uid, self.gid, self.pid, umask)
-
-
 class Handle(NamedTuple):
     inode: int
     inner: int
     is_dir: bool
-
-
-def _timeout(seconds: float) -> tuple[int, int]:
-    seconds = max(0.0, min(seconds, float(1 << 32)))
-    whole = int(seconds)
-    return whole, int((seconds - whole) * 1e9)
-
-
-def _split_ns(ns: int) -> tuple[int, int]:
-    sec, nsec = divmod(ns, 1_000_000_000)
-    return sec & _U64_MASK, nsec
-
-
-def encode_attr(attr: Attr) -> bytes:
-    a_s, a_ns = _split_ns(attr.atime_ns)
-    m_s, m_ns = _split_ns(attr.mtime_ns)
-    c_s, c_ns = _split_ns(attr.ctime_ns)
-    return abi.ATTR.pack(
-        attr.ino, attr.size, attr.blocks, a_s, m_s, c_s, a_ns, m_ns, c_ns, attr.mode,
-        attr.nlink & 0xFFFFFFFF, attr.uid, attr.gid, attr.rdev & 0xFFFFFFFF, attr.blksize, 0,
-    )  # fmt: skip
-
-
-def encode_entry(entry: Entry) -> bytes:
-    e_s, e_ns = _timeout(entry.entry_timeout)
-    a_s, a_ns = _timeout(entry.attr_timeout)
-    head = abi.ENTRY_OUT_HEAD.pack(entry.ino, entry.generation, e_s, a_s, e_ns, a_ns)
-    return head + encode_attr(entry.attr)
-
-
-_NO_ENTRY = bytes(abi.ENTRY_OUT_SIZE)  # readdirplus entry without attributes (. and ..)
-
-
-def out_header(unique: int, err: int, payload_len: int) -> bytes:
-    return abi.OUT_HEADER.pack(abi.OUT_HEADER.size + payload_len, err, unique)
-
-
-def error_reply(unique: int, err: int) -> Buffers:
-    if not 0 < err < 4096:
-        err = errno.EIO
-    return [out_header(unique, -err, 0)]
 
 
 class FuseServer:
@@ -376,7 +282,7 @@ class FuseServer:
         return abi.OPEN_OUT.pack(fh, flags, 0)
 
     def _attr_out(self, attr: Attr) -> Buffers:
-        sec, nsec = _timeout(self.attr_timeout)
+        sec, nsec = split_timeout(self.attr_timeout)
         return [abi.ATTR_OUT_HEAD.pack(sec, nsec, 0), encode_attr(attr)]
 
     # --- metadata -----------------------------------------------------------------------------
@@ -399,8 +305,8 @@ class FuseServer:
             raise FuseInvalid(errno.EINVAL, "size or time out of range")
         inner = self._handle(fh, False).inner if valid & abi.FATTR_FH else None
         wanted = Attr(
-            req.nodeid, mode, 0, uid, gid, 0, size, 0, 0, _ns(atime, atimensec),
-            _ns(mtime, mtimensec), _ns(ctime, ctimensec),
+            req.nodeid, mode, 0, uid, gid, 0, size, 0, 0, join_ns(atime, atimensec),
+            join_ns(mtime, mtimensec), join_ns(ctime, ctimensec),
         )  # fmt: skip
         valid &= _SETATTR_BITS
         return self._attr_out(
@@ -554,7 +460,7 @@ class FuseServer:
                     n = abi.dirent_size(len(d.name))
                     if used + n > size:
                         break
-                    out.append(_dirent(d.ino, d.offset, d.type, d.name, n))
+                    out.append(dirent(d.ino, d.offset, d.type, d.name, n))
                     used += n
             finally:
                 await _aclose(listing)
@@ -567,8 +473,8 @@ class FuseServer:
                     if entry is not None:  # not sent: the peer holds no reference to it
                         await self.fs.forget(entry.ino, 1)
                     break
-                out.append(self._counted(entry) if entry is not None else _NO_ENTRY)
-                out.append(_dirent(d.ino, d.offset, d.type, d.name, n - abi.ENTRY_OUT_SIZE))
+                out.append(self._counted(entry) if entry is not None else NO_ENTRY)
+                out.append(dirent(d.ino, d.offset, d.type, d.name, n - abi.ENTRY_OUT_SIZE))
                 used += n
         finally:
             await _aclose(plus)
@@ -619,17 +525,6 @@ def _sized(value: bytes, size: int) -> Buffers:
     if len(value) > size:
         raise FuseInvalid(errno.ERANGE, "xattr buffer too small")
     return [value]
-
-
-def _dirent(ino: int, off: int, dtype: int, name: bytes, total: int) -> bytes:
-    head = abi.DIRENT_HEAD.pack(ino, off, len(name), dtype)
-    return head + name + bytes(total - len(head) - len(name))
-
-
-def _ns(sec: int, nsec: int) -> int:
-    if sec >= 1 << 63:  # the kernel sends signed seconds in an unsigned field
-        sec -= 1 << 64
-    return sec * 1_000_000_000 + nsec
 
 
 def _op_name(opcode: int) -> str:

@@ -22,7 +22,8 @@ import trio
 
 from nydusfs.filesystem import FileSystem
 from nydusfs.fuse import abi
-from nydusfs.fuse.server import FuseServer, error_reply
+from nydusfs.fuse.server import FuseServer
+from nydusfs.fuse.wire import error_reply
 from nydusfs.metrics import InflightTracker
 from nydusfs.virtiofs.vhost_user import VhostUserBackend
 from nydusfs.virtiofs.virtqueue import Chain, Virtqueue
