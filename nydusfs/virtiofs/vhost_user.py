@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from nydusfs.virtiofs.memory import GuestMemory, GuestMemoryError, close_fd, map_region
-from nydusfs.virtiofs.virtqueue import BadChain, Chain, Virtqueue, VirtqueueError
+from nydusfs.virtiofs.virtqueue import F_EVENT_IDX, BadChain, Chain, Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class VhostUserError(Exception):
 class VhostUserBackend:
     """A vhost-user device back-end with ``num_queues`` split virtqueues."""
 
-    features = F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC
+    features = F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC | F_EVENT_IDX
     protocol_features = PF_MQ | PF_REPLY_ACK | PF_RESET_DEVICE | PF_CONFIGURE_MEM_SLOTS
 
     def __init__(self, num_queues: int) -> None:
@@ -352,6 +352,8 @@ class VhostUserBackend:
             return
         if q.kick_fd is None or not q.enabled or not q.ready:
             return
+        q.event_idx = bool(self.acked_features & F_EVENT_IDX)
+        q.signalled_used = None
         scope = trio.CancelScope()
         self._runners[q.index] = scope
         self._nursery.start_soon(self._run_ring, q, scope)
@@ -388,6 +390,8 @@ class VhostUserBackend:
                 q.notify()
                 continue
             if chain is None:
+                if q.kick_me_at_next():
+                    continue
                 return
             self.inflight[q.index] += 1
             nursery.start_soon(self._serve_chain, q, chain)

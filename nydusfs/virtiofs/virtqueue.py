@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from nydusfs.virtiofs.memory import GuestMemory, GuestMemoryError
@@ -28,6 +29,7 @@ F_NEXT = 1
 F_WRITE = 2
 F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
+F_EVENT_IDX = 1 << 29  # VIRTIO_RING_F_EVENT_IDX
 MAX_QUEUE_SIZE = 32768
 ONE = (1).to_bytes(8, "little")
 
@@ -68,6 +70,10 @@ class Virtqueue:
         self.err_fd: int | None = None
         self.enabled = False
         self.memory: GuestMemory | None = None
+        # VIRTIO_RING_F_EVENT_IDX: the driver says at which used index it wants an interrupt
+        # (used_event) and the device at which avail index it wants a kick (avail_event).
+        self.event_idx = False
+        self.signalled_used: int | None = None
 
     def set_num(self, num: int) -> None:
         if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
@@ -167,13 +173,33 @@ class Virtqueue:
         mm, off = memory.uva(self.used_addr + 2, 2)
         U16.pack_into(mm, off, self.used_idx)
 
+    def kick_me_at_next(self) -> bool:
+        """With EVENT_IDX, ask for a kick when the guest adds past what the device has taken;
+        True when the guest already did (drain again instead of waiting for a kick)."""
+        if not self.event_idx:
+            return False
+        mm, off = self._mem().uva(self.used_addr + 4 + 8 * self.num, 2)
+        U16.pack_into(mm, off, self.last_avail)
+        _full_barrier()  # the store above must be seen before the load below (virtio 2.7.10)
+        return self.pending() > 0
+
     def notify(self) -> None:
-        """Interrupt the guest unless it asked not to be (VRING_AVAIL_F_NO_INTERRUPT)."""
+        """Interrupt the guest unless it asked not to be (NO_INTERRUPT, or with EVENT_IDX a
+        used_event the new used entries did not reach)."""
         if self.call_fd is None:
             return
-        mm, off = self._mem().uva(self.avail_addr, 2)
-        if U16.unpack_from(mm, off)[0] & AVAIL_F_NO_INTERRUPT:
-            return
+        _full_barrier()  # used idx stored before the driver's wishes are read
+        if self.event_idx:
+            mm, off = self._mem().uva(self.avail_addr + 4 + 2 * self.num, 2)
+            used_event = U16.unpack_from(mm, off)[0]
+            old, new = self.signalled_used, self.used_idx
+            self.signalled_used = new
+            if old is not None and (new - used_event - 1) & 0xFFFF >= (new - old) & 0xFFFF:
+                return
+        else:
+            mm, off = self._mem().uva(self.avail_addr, 2)
+            if U16.unpack_from(mm, off)[0] & AVAIL_F_NO_INTERRUPT:
+                return
         # BlockingIOError: the eventfd counter is saturated, the guest will be woken anyway.
         with contextlib.suppress(BlockingIOError):
             os.write(self.call_fd, ONE)
@@ -211,6 +237,16 @@ class Virtqueue:
                 room -= n
                 written += n
         return written
+
+
+_BARRIER = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A full memory barrier: taking a lock is a locked (fencing) instruction on x86, which
+    orders our store to guest memory before our next load from it, as the guest expects."""
+    with _BARRIER:
+        pass
 
 
 class BadChain(VirtqueueError):

@@ -15,6 +15,7 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
 import trio
 
 from nydusfs.virtiofs.device import VhostUserFsDevice
@@ -80,14 +81,17 @@ class Driver:
         assert (req, flags) == (request, 0x5)
         return await self.conn.recv(size)
 
+    event_idx = False
+
     async def setup(self, memfd: int, *, add_mem_reg: bool = False) -> None:
         features = struct.unpack("=Q", await self.message(GET_FEATURES, reply=True))[0]
-        assert features & (1 << 32 | 1 << 30 | 1 << 28) == 1 << 32 | 1 << 30 | 1 << 28
+        wanted = 1 << 32 | 1 << 30 | 1 << 28 | (1 << 29 if self.event_idx else 0)
+        assert features & wanted == wanted
         proto = struct.unpack("=Q", await self.message(GET_PROTOCOL_FEATURES, reply=True))[0]
         await self.message(SET_PROTOCOL_FEATURES, struct.pack("=Q", proto & (1 | 1 << 15)))
         assert await self.message(GET_QUEUE_NUM, reply=True) == struct.pack("=Q", 2)
         await self.message(SET_OWNER)
-        await self.message(SET_FEATURES, struct.pack("=Q", 1 << 32 | 1 << 30 | 1 << 28))
+        await self.message(SET_FEATURES, struct.pack("=Q", wanted))
         region = struct.pack("=QQQQ", 0, MEM, UVA, 0)
         if add_mem_reg:
             await self.message(ADD_MEM_REG, struct.pack("=Q", 0) + region, (memfd,))
@@ -127,6 +131,8 @@ class Driver:
 
     async def used(self, q: int, count: int = 1) -> list[tuple[int, int]]:
         """Wait for ``count`` more used elements of queue ``q``: their (head, len)."""
+        if self.event_idx:  # used_event: interrupt me once the next element is used
+            struct.pack_into("<H", self.mem, RING[q] + 0x104 + 2 * QSIZE, self.used_seen[q])
         with trio.fail_after(10):
             while True:
                 idx = struct.unpack_from("<H", self.mem, RING[q] + 0x200 + 2)[0]
@@ -187,10 +193,12 @@ async def _with_device(fs: MemFs, tmp: Path, test: object) -> VhostUserFsDevice:
     return device
 
 
-def test_requests_split_indirect_out_of_order_and_broken(tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_requests_split_indirect_out_of_order_and_broken(tmp_path: Path, event_idx: bool) -> None:
     fs = SlowFs()
 
     async def scenario(d: Driver, memfd: int) -> None:
+        d.event_idx = event_idx
         await d.setup(memfd)
         d.request(1, INIT, struct.pack("<IIII", 7, 38, 65536, 0x7BFFFFFB), unique=2)
         ((head, length),) = await d.used(1)
@@ -226,6 +234,19 @@ def test_requests_split_indirect_out_of_order_and_broken(tmp_path: Path) -> None
         d.publish(0, [(d.alloc(forget), 48, 0, 0)])
         assert await d.used(0) == [(0, 0)]
         assert fs.lookups == {2: 0}
+        if event_idx:
+            # used_event far ahead: the request completes without an interrupt.
+            struct.pack_into("<H", d.mem, RING[1] + 0x104 + 2 * QSIZE, d.used_seen[1] + 5)
+            d.request(1, GETATTR, bytes(16), unique=14, head=4)
+            with trio.fail_after(10):
+                while struct.unpack_from("<H", d.mem, RING[1] + 0x202)[0] == d.used_seen[1]:
+                    await trio.sleep(0.01)
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(d.call[1])
+            d.used_seen[1] += 1
+            # avail_event: the device asks for a kick when the guest adds more
+            avail_event = struct.unpack_from("<H", d.mem, RING[1] + 0x204 + 8 * QSIZE)[0]
+            assert avail_event == d.avail_idx[1]
         reply = await d.message(GET_VRING_BASE, struct.pack("=II", 1, 0), reply=True)
         assert reply == struct.pack("=II", 1, d.avail_idx[1])
 
