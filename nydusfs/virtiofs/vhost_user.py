@@ -242,7 +242,7 @@ class VhostUserBackend:
         elif request in (SET_OWNER, SET_BACKEND_REQ_FD, SET_LOG_FD):
             pass  # nothing to own; no back-end requests or dirty logging are offered
         elif request in (RESET_OWNER, RESET_DEVICE):
-            await self._reset_all()
+            await self._reset_all(keep_protocol=True)
         elif request == SET_MEM_TABLE:
             self._set_mem_table(payload, fds)
         elif request == ADD_MEM_REG:
@@ -412,7 +412,9 @@ class VhostUserBackend:
         except (GuestMemoryError, VirtqueueError) as e:
             log.error("vhost-user: ring %d: cannot complete a request: %s", q.index, e)
 
-    async def _reset_all(self) -> None:
+    async def _reset_all(self, keep_protocol: bool = False) -> None:
+        """Back to the state of a new connection (a device reset keeps the negotiated
+        protocol features, as the front-end does not negotiate them again)."""
         for q in self.queues:
             self._stop(q)
             for fd in (q.kick_fd, q.call_fd, q.err_fd):
@@ -422,7 +424,9 @@ class VhostUserBackend:
         self.queues = [Virtqueue(i) for i in range(self.num_queues)]
         self.inflight = [0] * self.num_queues
         self.memory.clear()
-        self.acked_features = self.acked_protocol = 0
+        self.acked_features = 0
+        if not keep_protocol:
+            self.acked_protocol = 0
         await self.reset()
 
 

@@ -25,6 +25,7 @@ from nydusfs.virtiofs.vhost_user import (
     GET_PROTOCOL_FEATURES,
     GET_QUEUE_NUM,
     GET_VRING_BASE,
+    RESET_DEVICE,
     SET_FEATURES,
     SET_MEM_TABLE,
     SET_OWNER,
@@ -39,6 +40,7 @@ from nydusfs.virtiofs.vhost_user import (
 from tests.codec.memfs import MemFs
 from tests.codec.test_fuse_codec import IN, name
 
+pytestmark = pytest.mark.timeout(60)
 MEM = 1 << 20
 UVA = 0x7F00_0000_0000  # where "QEMU" maps the memory: ring addresses are in this space
 QSIZE = 16
@@ -70,25 +72,29 @@ class Driver:
         self.free = DATA
 
     async def message(self, request: int, payload: bytes = b"", fds: tuple[int, ...] = (),
-                      reply: bool = False) -> bytes:  # fmt: skip
-        data = struct.pack("=III", request, 1, len(payload)) + payload
+                      reply: bool = False, need_reply: bool = False) -> bytes:  # fmt: skip
+        flags = 0x9 if need_reply else 0x1
+        data = struct.pack("=III", request, flags, len(payload)) + payload
+        reply = reply or need_reply
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         await self.conn.sendmsg([data], anc if fds else [])
         if not reply:
             return b""
-        head = await self.conn.recv(12)
-        req, flags, size = struct.unpack("=III", head)
-        assert (req, flags) == (request, 0x5)
-        return await self.conn.recv(size)
+        with trio.fail_after(10):  # a missing reply fails the test instead of hanging it
+            head = await self.conn.recv(12)
+            req, flags, size = struct.unpack("=III", head)
+            assert (req, flags) == (request, 0x5)
+            return await self.conn.recv(size)
 
     event_idx = False
+    protocol = 1 | 1 << 15  # MQ, CONFIGURE_MEM_SLOTS
 
     async def setup(self, memfd: int, *, add_mem_reg: bool = False) -> None:
         features = struct.unpack("=Q", await self.message(GET_FEATURES, reply=True))[0]
         wanted = 1 << 32 | 1 << 30 | 1 << 28 | (1 << 29 if self.event_idx else 0)
         assert features & wanted == wanted
         proto = struct.unpack("=Q", await self.message(GET_PROTOCOL_FEATURES, reply=True))[0]
-        await self.message(SET_PROTOCOL_FEATURES, struct.pack("=Q", proto & (1 | 1 << 15)))
+        await self.message(SET_PROTOCOL_FEATURES, struct.pack("=Q", proto & self.protocol))
         assert await self.message(GET_QUEUE_NUM, reply=True) == struct.pack("=Q", 2)
         await self.message(SET_OWNER)
         await self.message(SET_FEATURES, struct.pack("=Q", wanted))
@@ -291,6 +297,35 @@ def test_disconnect_ends_the_session_and_a_new_front_end_connects(tmp_path: Path
     trio.run(main)
     assert device.connections == 2
     assert fs.lookups == {2: 0, 3: 0}
+
+
+def test_device_reset_ends_the_session_and_keeps_protocol_features(tmp_path: Path) -> None:
+    fs = MemFs()
+
+    async def scenario(d: Driver, memfd: int) -> None:
+        d.protocol |= 1 << 3  # REPLY_ACK
+        await d.setup(memfd)
+        d.request(1, INIT, struct.pack("<IIII", 7, 38, 65536, 0), unique=2)
+        await d.used(1)
+        d.request(1, MKDIR, struct.pack("<II", 0o755, 0) + name(b"d"), unique=4, head=4)
+        await d.used(1)
+        assert fs.lookups == {2: 1}
+        assert await d.message(RESET_DEVICE, need_reply=True) == struct.pack("=Q", 0)
+        assert fs.lookups == {2: 0}
+        # REPLY_ACK is still in force after the reset; a bad request is acked as failed.
+        ack = await d.message(SET_VRING_NUM, struct.pack("=II", 1, 3), need_reply=True)
+        assert ack == struct.pack("=Q", 1)
+        # The rings start again.
+        d.avail_idx = {q: 0 for q in RING}
+        d.used_seen = {q: 0 for q in RING}
+        for q in RING:
+            struct.pack_into("<H", d.mem, RING[q] + 0x202, 0)
+        await d.setup(memfd)
+        d.request(1, INIT, struct.pack("<IIII", 7, 38, 65536, 0), unique=6)
+        ((_, length),) = await d.used(1)
+        assert d.reply(6, length)[0] == 0
+
+    trio.run(_with_device, fs, tmp_path, scenario)
 
 
 def test_protocol_errors_close_the_connection(tmp_path: Path) -> None:
