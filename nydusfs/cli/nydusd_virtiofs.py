@@ -41,13 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests served at once (1..1024)",
     )  # fmt: skip
     add_log_args(p)
+    p.add_argument("--log-rotation-size", type=int, default=0, help="MB, 0 = off")
     p.add_argument("--rlimit-nofile", type=int, default=1_000_000, help="0 = unchanged")
+    p.add_argument("--dedup-db", help="SQLite CAS database for chunk dedup")
     for flag, dest in (("--id", "id"), ("--supervisor", "supervisor"), ("-s", "shared_dir")):
         p.add_argument(flag, dest=dest, help=argparse.SUPPRESS)
     p.add_argument("--hybrid-mode", action="store_true", help="RAFS plus passthroughfs")
     p.add_argument("--upgrade", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--writable", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(dedup_db=None)
     return p
 
 

@@ -22,6 +22,8 @@ def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["virtiofs", "--sock", str(tmp_path / "no" / "dir" / "s")]) == 1
     assert "is not a directory" in capsys.readouterr().err
     assert main(["virtiofs", "--sock", str(tmp_path), "-B", "x"]) == 1  # a directory
+    assert main(["virtiofs", "--sock", str(tmp_path / "s"), "--dedup-db", "x.db"]) == 1
+    assert "dedup" in capsys.readouterr().err
     assert main(["virtiofs", "--sock", str(tmp_path / "s"), "--prefetch-files", "f"]) == 1
     assert "--prefetch-files requires --bootstrap" in capsys.readouterr().err
 
