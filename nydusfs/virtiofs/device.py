@@ -1,7 +1,9 @@
 """``VhostUserFsDevice``: the virtio-fs device (virtio device 26) behind ``vhost-user-fs-pci``.
 
 Queue 0 is the high-priority queue (FORGET, BATCH_FORGET, INTERRUPT), queues 1..n carry
-requests. Every chain is one FUSE request: its device-readable buffers hold ``fuse_in_header``
+requests; the device offers 8 request queues and QEMU uses as many as its
+``num-request-queues`` says (1 by default).
+Every chain is one FUSE request: its device-readable buffers hold ``fuse_in_header``
 and the request body, its device-writable buffers receive ``fuse_out_header`` and the reply;
 the guest splits both across descriptors as it likes, so the device gathers and scatters.
 The bytes go to a ``FuseServer`` (the same codec /dev/fuse uses), which validates them.
@@ -43,7 +45,7 @@ class VhostUserFsDevice(VhostUserBackend):
         self,
         fs: FileSystem,
         *,
-        request_queues: int = 1,
+        request_queues: int = 8,
         max_tasks: int = 16,
         attr_timeout: float = 1.0,
         inflight: InflightTracker | None = None,
@@ -96,7 +98,7 @@ async def serve(
     fs: FileSystem,
     socket_path: str,
     *,
-    request_queues: int = 1,
+    request_queues: int = 8,
     max_tasks: int = 16,
     inflight: InflightTracker | None = None,
     task_status: trio.TaskStatus[VhostUserFsDevice] = trio.TASK_STATUS_IGNORED,

@@ -95,7 +95,7 @@ class Driver:
         assert features & wanted == wanted
         proto = struct.unpack("=Q", await self.message(GET_PROTOCOL_FEATURES, reply=True))[0]
         await self.message(SET_PROTOCOL_FEATURES, struct.pack("=Q", proto & self.protocol))
-        assert await self.message(GET_QUEUE_NUM, reply=True) == struct.pack("=Q", 2)
+        assert await self.message(GET_QUEUE_NUM, reply=True) == struct.pack("=Q", 9)
         await self.message(SET_OWNER)
         await self.message(SET_FEATURES, struct.pack("=Q", wanted))
         region = struct.pack("=QQQQ", 0, MEM, UVA, 0)
@@ -333,7 +333,7 @@ def test_protocol_errors_close_the_connection(tmp_path: Path) -> None:
 
     async def scenario(d: Driver, memfd: int) -> None:
         # A vring index the device does not have: the device hangs up.
-        await d.message(SET_VRING_NUM, struct.pack("=II", 7, 16))
+        await d.message(SET_VRING_NUM, struct.pack("=II", 77, 16))
         with trio.fail_after(10):
             assert await d.conn.recv(1) == b""
 
