@@ -44,6 +44,7 @@ from tests.e2e.guest import (
     missing_tools,
     virtiofs_daemon,
 )
+from tests.helpers.servers import stop_process
 from tests.mount.nydusd_proc import localfs_config, write_config
 
 DEVICES = ("nydus", "ref")
@@ -130,9 +131,7 @@ def main() -> int:
                 guest = Guest(initramfs, devices, memory_mb=512, on_line=on_line)
                 lines = guest.run(timeout=3600)
         finally:
-            if ref.poll() is None:
-                ref.terminate()
-            ref.wait()
+            stop_process(ref)
     _report(lines, cpu, nfiles, nbytes, args.passes)
     return 0
 

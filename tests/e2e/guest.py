@@ -16,7 +16,6 @@ import contextlib
 import glob
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from tests.helpers.servers import stop_process
 from tests.helpers.tree import Snapshot
 from tests.mount.nydusd_proc import REPO
 
@@ -212,24 +212,20 @@ def virtiofs_daemon(
     cmd = [sys.executable, "-m", "nydusfs.cli.nydusd", "virtiofs", "--sock", str(sock), *args]
     if apisock is not None:
         cmd += ["--apisock", str(apisock)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE)
+    # The log goes to a file: a pipe nobody reads would block a chatty daemon.
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=log)
     try:
         deadline = time.monotonic() + timeout
         while not is_socket(str(sock)) or (apisock is not None and not is_socket(str(apisock))):
             if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
+                log.seek(0)
+                err = log.read().decode(errors="replace")[-4000:]
                 raise RuntimeError(f"nydusd virtiofs exited with {proc.returncode}: {err}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nydusd virtiofs did not listen on {sock} in {timeout}s")
             time.sleep(0.05)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        stop_process(proc, timeout=20)
+        log.close()
