@@ -213,19 +213,18 @@ def virtiofs_daemon(
     if apisock is not None:
         cmd += ["--apisock", str(apisock)]
     # The log goes to a file: a pipe nobody reads would block a chatty daemon.
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=log)
-    try:
-        deadline = time.monotonic() + timeout
-        while not is_socket(str(sock)) or (apisock is not None and not is_socket(str(apisock))):
-            if proc.poll() is not None:
-                log.seek(0)
-                err = log.read().decode(errors="replace")[-4000:]
-                raise RuntimeError(f"nydusd virtiofs exited with {proc.returncode}: {err}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nydusd virtiofs did not listen on {sock} in {timeout}s")
-            time.sleep(0.05)
-        yield proc
-    finally:
-        stop_process(proc, timeout=20)
-        log.close()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stderr=log)
+        try:
+            deadline = time.monotonic() + timeout
+            while not is_socket(str(sock)) or (apisock and not is_socket(str(apisock))):
+                if proc.poll() is not None:
+                    log.seek(0)
+                    err = log.read().decode(errors="replace")[-4000:]
+                    raise RuntimeError(f"nydusd virtiofs exited with {proc.returncode}: {err}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nydusd virtiofs did not listen on {sock} in {timeout}s")
+                time.sleep(0.05)
+            yield proc
+        finally:
+            stop_process(proc, timeout=20)
