@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -100,6 +101,8 @@ class VirtiofsFrontend(Frontend):
             raise NydusError(f"--sock {self.socket_path}: {parent} is not a directory")
         if os.path.isdir(self.socket_path):
             raise NydusError(f"--sock {self.socket_path} is a directory")
+        if _listening(self.socket_path):
+            raise NydusError(f"--sock {self.socket_path} is in use by another process")
 
     async def serve(self, daemon: Daemon, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         from nydusfs.virtiofs.device import serve
@@ -113,3 +116,15 @@ class VirtiofsFrontend(Frontend):
             inflight=daemon.inflight,
             task_status=task_status,
         )
+
+
+def _listening(path: str) -> bool:
+    """Someone accepts connections on the unix socket ``path`` (a stale one is replaced)."""
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True

@@ -31,6 +31,8 @@ def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.root
 def test_api_only_daemon_answers_and_exits_on_request(tmp_path: Path) -> None:
     sock, api = tmp_path / "vfs.sock", tmp_path / "api.sock"
+    with socket.socket(socket.AF_UNIX) as stale:  # left behind by a crashed daemon: replaced
+        stale.bind(str(sock))
     with virtiofs_daemon(sock, apisock=api) as proc:
         with NydusdClient(str(api)) as client:
             assert client.daemon_info()["state"] == "RUNNING"
@@ -41,7 +43,10 @@ def test_api_only_daemon_answers_and_exits_on_request(tmp_path: Path) -> None:
             request, flags, size = struct.unpack("=III", s.recv(12))
             (features,) = struct.unpack("=Q", s.recv(size))
         assert (request, flags, size) == (1, 5, 8) and features & (1 << 32)
+        # A second daemon on the same socket is refused; the first goes on.
+        assert main(["virtiofs", "--sock", str(sock)]) == 1
         with NydusdClient(str(api)) as client:
+            assert client.daemon_info()["state"] == "RUNNING"
             client.exit()
         assert proc.wait(timeout=20) == 0
     assert not sock.exists()
