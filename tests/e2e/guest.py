@@ -16,6 +16,7 @@ import contextlib
 import glob
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from nydusfs.api.client import NydusdClient
 from tests.helpers.servers import stop_process
 from tests.helpers.tree import Snapshot
 from tests.mount.nydusd_proc import REPO
@@ -207,8 +209,8 @@ def is_socket(path: str) -> bool:
 def virtiofs_daemon(
     sock: Path, *args: str, apisock: Path | None = None, timeout: float = 20.0
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``nydusd virtiofs --sock SOCK ARGS``, yielded once the vhost-user (and API) socket
-    listens; stopped with SIGTERM, which must end it cleanly (rc 0)."""
+    """``nydusd virtiofs --sock SOCK ARGS``, yielded once it serves (the API says RUNNING, or
+    without ``apisock`` the vhost-user socket accepts a connection); stopped with SIGTERM."""
     cmd = [sys.executable, "-m", "nydusfs.cli.nydusd", "virtiofs", "--sock", str(sock), *args]
     if apisock is not None:
         cmd += ["--apisock", str(apisock)]
@@ -217,7 +219,7 @@ def virtiofs_daemon(
         proc = subprocess.Popen(cmd, cwd=REPO, stderr=log)
         try:
             deadline = time.monotonic() + timeout
-            while not is_socket(str(sock)) or (apisock and not is_socket(str(apisock))):
+            while not _serving(sock, apisock):
                 if proc.poll() is not None:
                     log.seek(0)
                     err = log.read().decode(errors="replace")[-4000:]
@@ -228,3 +230,21 @@ def virtiofs_daemon(
             yield proc
         finally:
             stop_process(proc, timeout=20)
+
+
+def _serving(sock: Path, apisock: Path | None) -> bool:
+    if apisock is None:
+        # A probe connection: the device sees a front-end come and go, which it must survive.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(sock))
+            except OSError:
+                return False
+        return True
+    if not is_socket(str(apisock)):
+        return False
+    try:
+        with NydusdClient(str(apisock), timeout=5) as client:
+            return bool(client.daemon_info()["state"] == "RUNNING")
+    except OSError:
+        return False
