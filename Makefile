@@ -10,8 +10,8 @@ BENCH_ARGS ?=
 # backend tests run on loopback (nginx, docker-registry), and what pyfuse3 needs to build.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc erofs-utils squashfuse squashfs-tools \
 	attr acl gdisk util-linux kmod nginx-light docker-registry curl \
-	libnbd-bin qemu-utils qemu-system-x86 busybox-static skopeo umoci debootstrap \
-	fuse-overlayfs
+	libnbd-bin qemu-utils qemu-system-x86 busybox-static cpio libc6-dev skopeo umoci \
+	debootstrap fuse-overlayfs
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -qq -o Dpkg::Use-Pty=0
 
@@ -32,7 +32,7 @@ deps:
 	@echo "deps: pip install -e '.[test,fuse]'"
 	@$(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore \
 		-e '.[test,fuse]'
-	@$(PYTHON) -m tests.nbd.guest  # the NBD guest test's kernel (Linux 6.12, cached)
+	@$(PYTHON) -m tests.nbd.guest  # the QEMU guests' kernel (Linux 6.12, cached, not installed)
 
 test: deps
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

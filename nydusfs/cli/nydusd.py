@@ -30,7 +30,7 @@ from nydusfs.errors import ConfigError, NydusError
 
 log = logging.getLogger("nydusd")
 
-UNAVAILABLE_SUBCOMMANDS = ("virtiofs", "singleton", "uffd")
+UNAVAILABLE_SUBCOMMANDS = ("singleton", "uffd")
 
 
 def _threads(text: str) -> int:
@@ -155,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nydusfs.cli import nydusd_nbd
 
         return nydusd_nbd.main(argv[1:])
+    if argv and argv[0] == "virtiofs":
+        from nydusfs.cli.nydusd_virtiofs import main as virtiofs_main
+
+        return virtiofs_main(argv[1:])
     if argv and argv[0] in UNAVAILABLE_SUBCOMMANDS:
         print(f"nydusd: the {argv[0]} frontend is not available in this build", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from nydusfs.daemon.frontends import Frontend, FuseFrontend
 from nydusfs.daemon.fs_service import FsService, MountCmd
 from nydusfs.errors import NydusError
 from nydusfs.metrics import ErrorHolder, ErrorLogHandler, InflightTracker
@@ -76,8 +77,10 @@ class Daemon:
         api_socket: str | None = None,
         id: str | None = None,
         supervisor: str | None = None,
+        frontend: Frontend | None = None,
     ) -> None:
         self.mountpoint = mountpoint
+        self.frontend = frontend if frontend is not None else FuseFrontend(mountpoint)
         self.threads = threads
         self.writable = writable
         self.fsname = fsname
@@ -106,7 +109,7 @@ class Daemon:
     async def run(
         self, mounts: Sequence[MountCmd] = (), *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
-        clear_stale_mount(self.mountpoint)
+        self.frontend.prepare()
         errors = ErrorLogHandler(self.events)
         logging.getLogger().addHandler(errors)
         try:
@@ -122,7 +125,7 @@ class Daemon:
                     nursery.start_soon(self._watch_signals)
                 await nursery.start(self._serve)
                 self.state = DaemonState.RUNNING
-                log.info("nydusd serving %s", self.mountpoint)
+                log.info("nydusd serving %s", self.frontend.describe())
                 task_status.started()
         finally:
             self.state = DaemonState.STOPPED
@@ -132,24 +135,10 @@ class Daemon:
             log.info("nydusd stopped")
 
     async def _serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        from nydusfs.fuse.pyfuse3_frontend import KernelNotifier, serve
-
-        notifier = KernelNotifier()
-        self.service.invalidate = notifier.invalidate
         try:
-            await serve(
-                self.vfs,
-                self.mountpoint,
-                fsname=self.fsname,
-                read_only=not self.writable,
-                max_tasks=self.threads,
-                inflight=self.inflight,
-                notifier=notifier,
-                task_status=task_status,
-            )
+            await self.frontend.serve(self, task_status=task_status)
         finally:
-            self.service.invalidate = None
-            # The kernel mount is gone (unmounted from outside, or we are stopping): so are we.
+            # The frontend is gone (unmounted from outside, or we are stopping): so are we.
             self.stop()
 
     async def _serve_api(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-GUEST_DIR = Path(os.environ.get("NYDUSFS_GUEST_DIR", "/var/cache/nydusfs-nbd-guest"))
+GUEST_DIR = Path(os.environ.get("NYDUSFS_GUEST_DIR", "/var/cache/nydusfs-guest"))
 BACKPORTS = "deb http://deb.debian.org/debian bookworm-backports main"
 # Load order: erofs needs libcrc32c, which needs a crc32c implementation.
 MODULES = {
