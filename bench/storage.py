@@ -42,6 +42,7 @@ import resource
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +73,7 @@ from nydusfs.storage.backends import new_backend
 from nydusfs.storage.blobdevice import BlobDevice
 from nydusfs.types import Compressor, Context
 from tests.helpers.registry_servers import DockerRegistry, have_registry
+from tests.helpers.servers import stop_process
 
 REPO_NAME = "bench/storage"
 IO_SIZE = 1 << 20  # bytes per RafsFs.read, as a FUSE max_read of 1 MiB
@@ -275,7 +277,7 @@ class Run:
 
 
 def make_config(
-    registry: DockerRegistry,
+    host: str,
     work_dir: Path,
     *,
     batch_size: int,
@@ -287,7 +289,7 @@ def make_config(
         "id": "bench-storage",
         "backend": {
             "type": "registry",
-            "registry": {"scheme": "http", "host": registry.host, "repo": REPO_NAME},
+            "registry": {"scheme": "http", "host": host, "repo": REPO_NAME},
         },
         "cache": {
             "type": "blobcache",
@@ -304,9 +306,15 @@ Workload = Callable[[RafsFs, BlobDevice], Awaitable[int]]
 
 class Bench:
     def __init__(
-        self, registry: DockerRegistry, sup: RafsSuper, scratch: Path, profile_dir: Path | None
+        self,
+        registry: DockerRegistry,
+        sup: RafsSuper,
+        scratch: Path,
+        profile_dir: Path | None,
+        host: str | None = None,
     ) -> None:
         self.registry = registry
+        self.host = host or registry.host  # where nydusfs sends its requests (a proxy, maybe)
         self.sup = sup
         self.scratch = scratch  # cache work dirs and curl's config go here
         self.profile_dir = profile_dir
@@ -364,7 +372,7 @@ class Bench:
         run = Run(name, readers=readers)
         cache_dir = Path(tempfile.mkdtemp(prefix="cache-", dir=self.scratch))
         config = make_config(
-            self.registry, cache_dir,
+            self.host, cache_dir,
             batch_size=batch_size, prefetch=prefetch, prefetch_batch=prefetch_batch,
         )  # fmt: skip
         assert config.backend is not None
@@ -413,6 +421,25 @@ class Bench:
         if run.error:
             print(f"bench: {name} failed: {run.error}", flush=True)
         return run
+
+
+@contextlib.contextmanager
+def throttled(upstream: str, mbit: float) -> Iterator[str]:
+    """A ``bench/_throttle.py`` proxy to ``upstream`` in a process of its own; yields its
+    host:port and stops it afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("_throttle.py")),
+         "--upstream", upstream, "--mbit", str(mbit)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        host = proc.stdout.readline().strip()
+        if not host:
+            raise SystemExit(f"bench: the throttling proxy did not start ({proc.wait()})")
+        yield host
+    finally:
+        stop_process(proc)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -538,6 +565,10 @@ def bench_main(argv: list[str] | None) -> int:
         "--profile", type=Path, metavar="DIR",
         help="cProfile the trio thread of each nydusfs run into DIR/<run>.pstats",
     )  # fmt: skip
+    ap.add_argument(
+        "--link-mbit", type=float, default=500.0,
+        help="also run curl and nydusfs through a link of this many Mbit/s (0: skip)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     readers = [int(n) for n in args.readers.split(",") if n.strip()]
     if not readers or min(readers) < 1:
@@ -613,6 +644,21 @@ def bench_main(argv: list[str] | None) -> int:
                 prefetch_batch=int(mib * (1 << 20)),
             ))  # fmt: skip
 
+        linked: list[Run] = []
+        if args.link_mbit:
+            with throttled(registry.host, args.link_mbit) as host:
+                link = Bench(registry, sup, scratch, None, host=host)
+                linked.append(link.curl("curl, whole blob", url.replace(registry.host, host),
+                                        image.blob_size))  # fmt: skip
+                linked.append(link.nydus(
+                    "read all files, batch 1M", read_all(max(readers)),
+                    readers=max(readers), batch_size=BATCH_SIZE, prefetch=False,
+                ))  # fmt: skip
+                linked.append(link.nydus(
+                    "blob prefetch, 8 workers, batch 4M", blob_prefetch,
+                    readers=0, batch_size=BATCH_SIZE, prefetch=True, prefetch_batch=4 << 20,
+                ))  # fmt: skip
+
         partial_runs = []
         part_readers = max(readers)
         needed = needed_compressed(sup, partial)
@@ -651,6 +697,11 @@ def bench_main(argv: list[str] | None) -> int:
         "\npeak RSS = VmHWM of the bench process during the run; the registry serves its "
         "blob file through the page cache"
     )
+    if linked:
+        link_curl = linked[0].fetch_mbps if not linked[0].error else 0.0
+        print(f"\nthe same blob through a {args.link_mbit:g} Mbit/s link "
+              f"({args.link_mbit / 8:g} MB/s, shared by all connections; bench/_throttle.py):")
+        print_throughput(linked, link_curl, 0.0)
     print_partial(partial_runs)
     print(
         f"\npartial: {len(partial)} of {len(files)} files ({args.partial_percent:g}%, seed "

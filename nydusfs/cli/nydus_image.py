@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from nydusfs import __version__
 from nydusfs.cli import image_export, image_merge, image_tools
-from nydusfs.cli.common import setup_logging
+from nydusfs.cli.common import run_reporting_errors, setup_logging
 from nydusfs.errors import NydusError
 from nydusfs.types import Compressor, Digester
 
@@ -173,14 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.log_level = "info"
     setup_logging(args.log_level, getattr(args, "log_file", None))
     handler = COMMANDS.get(args.command) or image_tools.COMMANDS[args.command]
-    try:
-        return handler(args)
-    except (NydusError, ValueError, OSError) as e:
-        print(f"nydus-image: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("nydus-image: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors("nydus-image", lambda: handler(args), say_interrupted=True)
 
 
 if __name__ == "__main__":

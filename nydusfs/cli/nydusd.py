@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import trio
 
 from nydusfs import __version__
-from nydusfs.cli.common import add_log_args, setup_logging
+from nydusfs.cli.common import add_log_args, run_reporting_errors, setup_logging
 from nydusfs.config import ConfigV2, load_config_file, localfs_config
 from nydusfs.daemon.daemon import Daemon
 from nydusfs.daemon.fs_service import MountCmd
@@ -40,10 +40,9 @@ def _threads(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nydusd", description="Nydus image service: mount RAFS images over FUSE."
-    )
+def add_daemon_args(p: argparse.ArgumentParser) -> None:
+    """The flags every daemon form shares (``nydusd [fuse]`` and ``nydusd virtiofs``): API,
+    config, image sources, logging, limits, and the ones refused in this build."""
     p.add_argument("-V", "--version", action="version", version=f"nydusd {__version__}")
     p.add_argument("-A", "--apisock", help="HTTP API unix socket")
     p.add_argument("-C", "--config", help="configuration file (JSON v1/v2 or TOML v2)")
@@ -62,13 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-files", help="file listing paths to prefetch, one per line")
     p.add_argument("-m", "--virtual-mountpoint", default="/", help="RAFS path inside the VFS")
     p.add_argument("--dedup-db", help="SQLite CAS database for chunk dedup")
-    p.add_argument("-M", "--mountpoint", required=True, help="FUSE mount point")
-    p.add_argument("--failover-policy", default="resend", choices=["none", "resend", "flush"])
     p.add_argument(
         "--fuse-threads", "--thread-num", dest="threads", type=_threads, default=4,
-        help="FUSE worker tasks (1..1024)",
+        help="requests served at once (1..1024)",
     )  # fmt: skip
-    p.add_argument("--writable", action="store_true", help="mount FUSE read-write")
+    p.add_argument("--writable", action="store_true", help="serve read-write")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nydusd", description="Nydus image service: mount RAFS images over FUSE."
+    )
+    add_daemon_args(p)
+    p.add_argument("-M", "--mountpoint", required=True, help="FUSE mount point")
+    p.add_argument("--failover-policy", default="resend", choices=["none", "resend", "flush"])
     return p
 
 
@@ -166,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_file)
-    try:
+
+    def serve() -> None:
         _refuse_unavailable(args)
         commands = mount_commands(args)
         _raise_nofile(args.rlimit_nofile)
@@ -176,22 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_socket=apisock,
         )  # fmt: skip
         trio.run(daemon.run, commands)
-    except BaseException as e:
-        leaf = _single(e)
-        if isinstance(leaf, NydusError | OSError | ValueError):
-            print(f"nydusd: {leaf}", file=sys.stderr)
-            return 1
-        if isinstance(leaf, KeyboardInterrupt):
-            return 130
-        raise
-    return 0
 
-
-def _single(error: BaseException) -> BaseException:
-    """The one error inside nested exception groups (trio wraps task errors in groups)."""
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
+    return run_reporting_errors("nydusd", serve)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from typing import Any
 import trio
 
 from nydusfs import __version__
-from nydusfs.cli.common import add_log_args, setup_logging
-from nydusfs.cli.nydusd import _single, _threads
+from nydusfs.cli.common import add_log_args, run_reporting_errors, setup_logging
+from nydusfs.cli.nydusd import _threads
 from nydusfs.config import MAX_CONFIG_SIZE, ConfigV2, load_config_file, localfs_config, parse_v2
 from nydusfs.daemon.fs_service import prefetch_chunks
 from nydusfs.errors import ConfigError, NydusError
@@ -159,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[2:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_file)
-    try:
+
+    def serve() -> None:
         if args.DEVICE:
             raise NydusError(
                 f"kernel NBD devices ({args.DEVICE}) are not supported by this build: serve with "
@@ -169,12 +170,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("give exactly one of --unix PATH and --port N")
         bootstrap, config = image_source(args.bootstrap, args.localfs_dir, args.config)
         trio.run(run, args, bootstrap, config)
-    except BaseException as e:
-        leaf = _single(e)
-        if isinstance(leaf, NydusError | OSError | ValueError):
-            print(f"nydusd: {leaf}", file=sys.stderr)
-            return 1
-        if isinstance(leaf, KeyboardInterrupt):
-            return 130
-        raise
-    return 0
+
+    return run_reporting_errors("nydusd", serve)

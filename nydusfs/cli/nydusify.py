@@ -21,9 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from nydusfs import __version__
-from nydusfs.cli.common import add_log_args, setup_logging
+from nydusfs.cli.common import add_log_args, run_reporting_errors, setup_logging
 from nydusfs.cli.nydus_image import _size as parse_size
-from nydusfs.errors import NydusError
 from nydusfs.oci.convert import ConvertOptions, convert
 from nydusfs.oci.reference import parse_reference
 from nydusfs.types import Compressor, Digester
@@ -123,14 +122,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_file)
-    try:
-        return cmd_convert(args)
-    except (NydusError, ValueError, OSError) as e:
-        print(f"nydusify: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("nydusify: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors("nydusify", lambda: cmd_convert(args), say_interrupted=True)
 
 
 if __name__ == "__main__":

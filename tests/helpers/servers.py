@@ -101,7 +101,9 @@ def _tail(path: str, limit: int = 4000) -> str:
         return ""
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
+def stop_process(
+    proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 5
+) -> None:
     """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
     if proc.poll() is not None:
         return
