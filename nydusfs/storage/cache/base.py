@@ -74,7 +74,7 @@ READAHEAD_PARALLEL = 4  # requests a full read-ahead window is cut into
 # them was written, or once this many fetched bytes wait, whichever comes first.
 SYNC_DELAY = 0.5
 SYNC_BYTES = 64 << 20
-READAHEAD_WINDOWS = (1 << 20, 32 << 20)  # first and largest read-ahead window
+READAHEAD_WINDOWS = (1 << 20, 16 << 20)  # first and largest read-ahead window
 
 Gate = Callable[[int], Awaitable[None]]
 # Start ``fn(*args)`` in the background; False if it cannot be started (device not running).
