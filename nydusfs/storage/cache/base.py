@@ -566,7 +566,7 @@ class BlobCache(abc.ABC):
     async def _settle(self, plan: FetchPlan, result: FetchResult, good: list[ChunkInfo]) -> None:
         """Write the published chunks of ``plan`` to the cache, then end their flights: written
         chunks read as ready at once and are marked in the chunk map after the next sync
-        (``_sync``); a chunk that could not be written is simply not ready. Every flight is
+        (``sync``); a chunk that could not be written is simply not ready. Every flight is
         ended, whatever happens."""
         written: set[int] = set()
         try:
