@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/nydusfs-bench/lazy"))
     ap.add_argument("--mbit", type=float, default=100.0, help="proxy bandwidth, Mbit/s")
-    ap.add_argument("--percent", type=float, default=5.0, help="start-up set, % of files")
+    ap.add_argument("--percent", type=float, default=5.0, help="start-up set, %% of files")
     ap.add_argument("--readers", type=int, default=4, help="threads reading the set")
     ap.add_argument("--batch-size", type=lambda s: int(s, 0), default=0,
                     help="nydus rafs.batch_size (read amplification), bytes")  # fmt: skip
