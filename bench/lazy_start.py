@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mbit", type=float, default=100.0, help="proxy bandwidth, Mbit/s")
     ap.add_argument("--percent", type=float, default=5.0, help="start-up set, %% of files")
     ap.add_argument("--readers", type=int, default=4, help="threads reading the set")
-    ap.add_argument("--batch-size", type=lambda s: int(s, 0), default=0,
-                    help="nydus rafs.batch_size (read amplification), bytes")  # fmt: skip
+    ap.add_argument("--batch-size", type=lambda s: int(s, 0), default=1 << 20,
+                    help="nydus rafs.batch_size (read amplification), bytes; "
+                         "default upstream's 1 MiB")  # fmt: skip
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--runs", type=int, default=1, help="repeat both sides this many times")
     args = ap.parse_args(argv)

@@ -22,6 +22,7 @@ from nydusfs.storage.cache.merge import (
     merge_chunks,
     split_by_size,
 )
+from nydusfs.storage.cache.readahead import ReadSpan, Streams
 from nydusfs.storage.device import ChunkInfo
 from nydusfs.storage.meta import CiEntry
 from nydusfs.types import ChunkFlags
@@ -149,24 +150,29 @@ def test_amplify_stops_at_limits() -> None:
 
 
 def test_streams_need_dense_file_after_file_reads_to_span_files() -> None:
-    from nydusfs.storage.cache.readahead import ReadSpan, Streams
+    from nydusfs.storage.cache.readahead import Streams
 
     streams = Streams(initial_window=1 << 20, max_window=8 << 20, gap=0x2000, back=1 << 20)
     # Four 100 KiB files read whole, one after another: the stream spans files after three
     # crossings, and read-ahead becomes due as soon as a read moves past the first one.
-    s, due = streams.observe(ReadSpan(0, 100_000, 1, file_start=True))
+    s, due = streams.observe(_span(0, 100_000, 1, file_start=True))
     assert not due and not s.spans_files
     for i in range(1, 4):
-        t, due = streams.observe(ReadSpan(i * 100_000, (i + 1) * 100_000, i + 1, True))
+        t, due = streams.observe(_span(i * 100_000, (i + 1) * 100_000, i + 1, True))
         assert t is s and due
     assert s.spans_files and s.pos == 400_000
-    # Windows double up to the maximum; the trigger sits half a window before the new end.
-    assert [streams.window_of(s) for _ in range(5)] == [1 << 20, 2 << 20, 4 << 20, 8 << 20,
-                                                         8 << 20]  # fmt: skip
-    Streams.advanced(s, 400_000 + (8 << 20), 99)
-    assert s.end == 400_000 + (8 << 20) and s.trigger == s.end - (4 << 20)
+    # Across files, no more is read ahead than the stream has read (400 KB so far) ...
+    assert streams.window_of(s) == 400_000
+    # ... and as it reads on, windows double up to the maximum.
+    for i in range(4, 100):
+        streams.observe(_span(i * 100_000, (i + 1) * 100_000, i + 1, True))
+    assert [streams.window_of(s) for _ in range(5)] == [800_000, 1_600_000, 3_200_000,
+                                                         6_400_000, 8 << 20]  # fmt: skip
+    # The trigger sits half a window before the new end.
+    Streams.advanced(s, 10_000_000 + (8 << 20), 999)
+    assert s.end == 10_000_000 + (8 << 20) and s.trigger == s.end - (4 << 20)
     # A read far from every stream starts a new one.
-    u, due = streams.observe(ReadSpan(50 << 20, (50 << 20) + 10, 500, True))
+    u, due = streams.observe(_span(50 << 20, (50 << 20) + 10, 500, True))
     assert u is not s and not due
 
 
@@ -174,16 +180,36 @@ def test_sparse_file_after_file_reads_do_not_span_files() -> None:
     """One file in twenty, read in blob order, inside a region read ahead after a false start
     (three neighbours read in a row): the reads continue the stream, but cover too little of
     it to go on amplifying across files."""
-    from nydusfs.storage.cache.readahead import ReadSpan, Streams
+    from nydusfs.storage.cache.readahead import Streams
 
     streams = Streams(initial_window=1 << 20, max_window=8 << 20, gap=0x2000, back=1 << 20)
-    s, _ = streams.observe(ReadSpan(0, 10_000, 0, file_start=True))
+    s, _ = streams.observe(_span(0, 10_000, 0, file_start=True))
     for i in range(1, 4):
-        streams.observe(ReadSpan(i * 10_000, (i + 1) * 10_000, i, file_start=True))
+        streams.observe(_span(i * 10_000, (i + 1) * 10_000, i, file_start=True))
     assert s.spans_files
     Streams.advanced(s, 8 << 20, 800)  # what read-ahead claimed
     for i in range(1, 30):
         start = 40_000 + i * 20 * 10_000
-        t, _ = streams.observe(ReadSpan(start, start + 10_000, i * 20, file_start=True))
+        t, _ = streams.observe(_span(start, start + 10_000, i * 20, file_start=True))
         assert t is s
+    assert not s.spans_files
+
+
+def _span(start: int, end: int, index: int, file_start: bool) -> ReadSpan:
+    """A read of one chunk, ``index``, stored at ``[start, end)``."""
+    return ReadSpan(start, end, index, file_start, [(index, start, end - start)])
+
+
+def test_a_chunk_read_in_pieces_counts_once() -> None:
+    """FUSE reads a file 128 KiB at a time: ten reads of one chunk are not ten chunks' worth
+    of density. Files of one chunk each, read in pieces, one file in five: not dense."""
+    streams = Streams(initial_window=1 << 20, max_window=8 << 20, gap=0x2000, back=1 << 20)
+    s, _ = streams.observe(_span(0, 10_000, 0, True))
+    for i in range(1, 4):  # three neighbours: a stream that spans files
+        streams.observe(_span(i * 10_000, (i + 1) * 10_000, i, True))
+    Streams.advanced(s, 8 << 20, 800)
+    for i in range(1, 30):
+        start = 40_000 + i * 5 * 10_000
+        for piece in range(10):
+            streams.observe(_span(start, start + 10_000, 4 + i * 5, piece == 0))
     assert not s.spans_files

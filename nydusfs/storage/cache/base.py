@@ -687,6 +687,7 @@ def _span(descs: Sequence[BlobIoDesc], chunks: Sequence[ChunkInfo]) -> ReadSpan:
         end=last.compressed_offset + last.compressed_size,
         last_index=last.index,
         file_start=first.chunk.file_offset + first.offset == 0,
+        chunks=[(c.index, c.compressed_offset, c.compressed_size) for c in chunks],
     )
 
 

@@ -24,18 +24,22 @@ reached, ``end`` the furthest end fetched or claimed (read-ahead runs ahead of `
   (the cache ignores that while the stream has missed nothing and read ahead nothing yet): the
   caller fetches ``window`` more bytes past ``end``, in the background, and reports what it
   claimed with ``advanced``. The window starts at ``initial_window`` and doubles on every
-  read-ahead up to ``max_window``; the trigger sits half a window before the new end, so the
-  next read-ahead is issued while the readers still consume the previous one.
+  read-ahead up to ``max_window`` (across files, never more than the stream has read so far);
+  the trigger sits half a window before the new end, so the next read-ahead is issued while
+  the readers still consume the previous one.
 
 Everything here is pure bookkeeping on the trio thread (no I/O, no awaits).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 MAX_STREAMS = 32
 FILES_TO_SPAN = 3
+COUNTED_CHUNKS = 256
+MIN_WINDOW = 0x2_0000  # 128 KiB
 DENSE = 0.5
 
 
@@ -48,7 +52,10 @@ class Stream:
     window: int = 0  # bytes of the last read-ahead (0: none issued yet)
     trigger: int = 0  # a continuing read taking ``pos`` here makes read-ahead due
     files_crossed: int = 0  # continuing reads that started a file
-    covered: int = 0  # compressed bytes of the reads (a measure of density)
+    covered: int = 0  # compressed bytes of the distinct chunks read (a measure of density)
+    # Chunks counted in ``covered`` lately (index -> compressed offset): a chunk read in
+    # several pieces (FUSE reads 128 KiB at a time) counts once.
+    counted: dict[int, int] = field(default_factory=dict)
     age: int = 0  # last use, for forgetting the oldest stream
 
     @property
@@ -65,6 +72,7 @@ class ReadSpan:
     end: int  # highest compressed end among them
     last_index: int  # CI index of the chunk that ends at ``end``
     file_start: bool  # the read begins at offset 0 of its file
+    chunks: Sequence[tuple[int, int, int]] = ()  # (CI index, compressed offset, size) read
 
 
 class Streams:
@@ -86,21 +94,39 @@ class Streams:
                 s.age = self._clock
                 if span.file_start and span.start > s.start:
                     s.files_crossed += 1
-                s.covered += span.end - span.start
+                self._count(s, span)
                 s.pos = max(s.pos, span.end)
                 if span.end > s.end:
                     s.end, s.next_index = span.end, span.last_index + 1
                 return s, s.pos >= s.trigger
         stream = Stream(span.start, span.end, span.end, span.last_index + 1, trigger=span.end,
-                        covered=span.end - span.start, age=self._clock)  # fmt: skip
+                        age=self._clock)  # fmt: skip
+        self._count(stream, span)
         if len(self._streams) >= MAX_STREAMS:
             self._streams.remove(min(self._streams, key=lambda x: x.age))
         self._streams.append(stream)
         return stream, False
 
+    def _count(self, stream: Stream, span: ReadSpan) -> None:
+        for index, offset, size in span.chunks:
+            if index not in stream.counted:
+                stream.counted[index] = offset
+                stream.covered += size
+        if len(stream.counted) > COUNTED_CHUNKS:
+            # Chunks well behind the readers will not be read again by this stream.
+            horizon = stream.pos - self.back
+            stream.counted = {i: o for i, o in stream.counted.items() if o >= horizon}
+
     def window_of(self, stream: Stream) -> int:
         """The size of the read-ahead about to be issued for ``stream`` (and grow it)."""
-        stream.window = min(self.max_window, stream.window * 2 or self.initial_window)
+        largest = self.max_window
+        if stream.spans_files:
+            # Across files a window ends where the readers stop (the end of a directory, of a
+            # start-up), and what it fetched past that is waste. So never more ahead than the
+            # readers have read in order: a directory of 300 KB read file by file earns 300 KB
+            # of read-ahead, not megabytes past its end.
+            largest = min(largest, max(stream.covered, MIN_WINDOW))
+        stream.window = min(largest, stream.window * 2 or self.initial_window)
         return stream.window
 
     @staticmethod
