@@ -22,7 +22,12 @@ from collections.abc import Sequence
 import trio
 
 from nydusfs import __version__
-from nydusfs.cli.common import add_log_args, run_reporting_errors, setup_logging
+from nydusfs.cli.common import (
+    add_log_args,
+    return_large_buffers_to_the_system,
+    run_reporting_errors,
+    setup_logging,
+)
 from nydusfs.config import ConfigV2, load_config_file, localfs_config
 from nydusfs.daemon.daemon import Daemon
 from nydusfs.daemon.fs_service import MountCmd
@@ -172,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_file)
+    return_large_buffers_to_the_system()
 
     def serve() -> None:
         _refuse_unavailable(args)

@@ -29,7 +29,12 @@ from typing import Any
 import trio
 
 from nydusfs import __version__
-from nydusfs.cli.common import add_log_args, run_reporting_errors, setup_logging
+from nydusfs.cli.common import (
+    add_log_args,
+    return_large_buffers_to_the_system,
+    run_reporting_errors,
+    setup_logging,
+)
 from nydusfs.cli.nydusd import _threads
 from nydusfs.config import MAX_CONFIG_SIZE, ConfigV2, load_config_file, localfs_config, parse_v2
 from nydusfs.daemon.fs_service import prefetch_chunks
@@ -159,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[2:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_file)
+    return_large_buffers_to_the_system()
 
     def serve() -> None:
         if args.DEVICE:

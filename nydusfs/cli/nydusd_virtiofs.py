@@ -15,7 +15,11 @@ from collections.abc import Sequence
 import trio
 
 from nydusfs.cli import nydusd
-from nydusfs.cli.common import run_reporting_errors, setup_logging
+from nydusfs.cli.common import (
+    return_large_buffers_to_the_system,
+    run_reporting_errors,
+    setup_logging,
+)
 from nydusfs.daemon.daemon import Daemon
 from nydusfs.daemon.frontends import VirtiofsFrontend
 from nydusfs.errors import NydusError
@@ -35,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     setup_logging(args.log_level, args.log_file)
+    return_large_buffers_to_the_system()
 
     def serve() -> None:
         nydusd._refuse_unavailable(args)

@@ -74,7 +74,7 @@ READAHEAD_PARALLEL = 4  # requests a full read-ahead window is cut into
 # them was written, or once this many fetched bytes wait, whichever comes first.
 SYNC_DELAY = 0.5
 SYNC_BYTES = 64 << 20
-READAHEAD_WINDOWS = (1 << 20, 16 << 20)  # first and largest read-ahead window
+READAHEAD_WINDOWS = (1 << 20, 8 << 20)  # first and largest read-ahead window (memory)
 
 Gate = Callable[[int], Awaitable[None]]
 # Start ``fn(*args)`` in the background; False if it cannot be started (device not running).
@@ -125,6 +125,8 @@ class BlobCache(abc.ABC):
     fast_path = False
     # Fetch more than asked for (needs somewhere to keep it) using the CI array.
     amplifies = False
+    # ``_persist`` stores the bytes as fetched (so the fetched buffer lives until written).
+    keeps_raw = False
 
     def __init__(self, blob: BlobInfo, ctx: CacheContext, chunk_map: ChunkMap) -> None:
         self.blob = blob
@@ -647,7 +649,8 @@ class BlobCache(abc.ABC):
             except NydusError as e:
                 log.error("%s", e)
                 results[c.index] = e
-        return FetchResult(results, view)
+        # Without a use for it, the fetched buffer goes now, not after the background write.
+        return FetchResult(results, view if self.keeps_raw else memoryview(b""))
 
     # --- prefetch -------------------------------------------------------------------------------
     async def prefetch(self, chunks: Sequence[ChunkInfo], gate: Gate, batch_size: int) -> int:

@@ -69,6 +69,7 @@ class FileCache(BlobCache):
     def __init__(self, blob: BlobInfo, ctx: CacheContext, work_dir: str, compressed: bool) -> None:
         base = os.path.join(work_dir, blob.blob_id)
         self.compressed = compressed
+        self.keeps_raw = compressed
         self.fast_path = not compressed and not ctx.validate
         suffix = BLOB_RAW_FILE_SUFFIX if compressed else BLOB_DATA_FILE_SUFFIX
         other = BLOB_DATA_FILE_SUFFIX if compressed else BLOB_RAW_FILE_SUFFIX
