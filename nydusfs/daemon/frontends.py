@@ -10,6 +10,7 @@ QEMU guests. The daemon's state machine, API and mounts are the same behind each
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import socket
@@ -28,17 +29,18 @@ TRANSPORT_ENV = "NYDUSD_FUSE_TRANSPORT"
 FUSE_TRANSPORTS = ("pyfuse3", "fusedev")
 
 
-class Frontend:
+class Frontend(abc.ABC):
     """Where the daemon serves its VFS."""
 
-    def describe(self) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def describe(self) -> str: ...
 
     def prepare(self) -> None:
         """Check (and clean up) the endpoint before anything is mounted."""
+        return None
 
-    async def serve(self, daemon: Daemon, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def serve(self, daemon: Daemon, task_status: Any = trio.TASK_STATUS_IGNORED) -> None: ...
 
 
 class FuseFrontend(Frontend):

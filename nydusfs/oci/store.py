@@ -16,6 +16,7 @@ the layout store writes each blob under a temporary name and renames it).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
@@ -148,7 +149,7 @@ class _HashingWriter:
             raise ImageError(f"{self.what}: {self.size} bytes, expected {size}")
 
 
-class ImageStore:
+class ImageStore(abc.ABC):
     """The calls both stores implement."""
 
     ref: ImageRef
@@ -169,39 +170,40 @@ class ImageStore:
             raise ImageError(f"{self.ref}: index points at a {manifest.media_type!r}")
         return manifest
 
-    def _get_manifest(self, reference: str) -> Manifest:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _get_manifest(self, reference: str) -> Manifest: ...
 
+    @abc.abstractmethod
     def fetch_blob(
         self, digest: str, dest: str, size: int | None = None, progress: Progress | None = None
     ) -> None:
         """Write blob ``digest`` to ``dest`` (atomically), checking its digest and size."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_blob(self, digest: str, limit: int = _MANIFEST_LIMIT) -> bytes:
         """A small blob (a config) in memory, digest checked."""
-        raise NotImplementedError
 
-    def has_blob(self, digest: str) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def has_blob(self, digest: str) -> bool: ...
 
+    @abc.abstractmethod
     def push_blob(self, path: str, digest: str, progress: Progress | None = None) -> None:
         """Upload the file ``path`` whose content has ``digest`` (skipped if present)."""
-        raise NotImplementedError
 
-    def push_bytes(self, data: bytes) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def push_bytes(self, data: bytes) -> str: ...
 
+    @abc.abstractmethod
     def put_manifest(self, tag: str, data: bytes, media_type: str) -> str:
         """Store a manifest under ``tag``; returns its digest."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def push_manifest(self, data: bytes, media_type: str) -> str:
         """Store a manifest without a tag (an index will point at it); returns its digest."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release connections."""
+        return None
 
     def __enter__(self) -> ImageStore:
         return self

@@ -20,6 +20,7 @@ per connection. ``process`` may await freely; ring state changes happen between 
 
 from __future__ import annotations
 
+import abc
 import array
 import contextlib
 import logging
@@ -91,7 +92,7 @@ class VhostUserError(Exception):
     """The front-end broke the protocol; the connection is closed."""
 
 
-class VhostUserBackend:
+class VhostUserBackend(abc.ABC):
     """A vhost-user device back-end with ``num_queues`` split virtqueues."""
 
     features = F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC | F_EVENT_IDX
@@ -109,12 +110,13 @@ class VhostUserBackend:
         self.connections = 0
 
     # --- the device's part --------------------------------------------------------------------
+    @abc.abstractmethod
     async def process(self, queue: Virtqueue, chain: Chain) -> int:
         """Serve one chain; return the bytes written to its writable buffers."""
-        raise NotImplementedError
 
     async def reset(self) -> None:
         """The guest's session ended (disconnect or device reset)."""
+        return None
 
     # --- listening ----------------------------------------------------------------------------
     async def serve(self, path: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

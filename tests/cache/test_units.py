@@ -150,8 +150,6 @@ def test_amplify_stops_at_limits() -> None:
 
 
 def test_streams_need_dense_file_after_file_reads_to_span_files() -> None:
-    from nydusfs.storage.cache.readahead import Streams
-
     streams = Streams(initial_window=1 << 20, max_window=8 << 20, gap=0x2000, back=1 << 20)
     # Four 100 KiB files read whole, one after another: the stream spans files after three
     # crossings, and read-ahead becomes due as soon as a read moves past the first one.
@@ -180,8 +178,6 @@ def test_sparse_file_after_file_reads_do_not_span_files() -> None:
     """One file in twenty, read in blob order, inside a region read ahead after a false start
     (three neighbours read in a row): the reads continue the stream, but cover too little of
     it to go on amplifying across files."""
-    from nydusfs.storage.cache.readahead import Streams
-
     streams = Streams(initial_window=1 << 20, max_window=8 << 20, gap=0x2000, back=1 << 20)
     s, _ = streams.observe(_span(0, 10_000, 0, file_start=True))
     for i in range(1, 4):

@@ -341,10 +341,10 @@ class BlobCache(abc.ABC):
                     hits += len(ready)
                     break
                 rnd = _Round()
+                # From classification to start_soon there is no await (entering a nursery is no
+                # checkpoint): claims are atomic and every claimed chunk is owned by a task
+                # that is sure to run.
                 async with trio.open_nursery() as nursery:
-                    # From classification to start_soon there is no await: claims are atomic and
-                    # every claimed chunk is owned by a task that is sure to run.
-                    ready, mine, theirs = self._classify(pending)
                     plans = self._plan(
                         mine, self.ctx.user_batch_size, entries, prefetch=False, hint=hint
                     )

@@ -166,7 +166,19 @@ class FileCache(BlobCache):
         return out
 
     def _read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        # Adjacent ranges (consecutive pieces of one file) become one pread.
+        pieces = self._read_runs(ranges, nowait=False)
+        assert pieces is not None  # only a non-blocking read gives up
+        return pieces
+
+    def _read_ranges_nowait(self, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        return self._read_runs(ranges, nowait=True)
+
+    def _read_runs(self, ranges: Sequence[tuple[int, int]], *, nowait: bool) -> list[bytes] | None:
+        """The ``(offset, size)`` ranges; adjacent ones (consecutive pieces of one file) are
+        read with one call. ``nowait``: preadv2(RWF_NOWAIT), which reads from the page cache or
+        fails with EAGAIN (or comes back short) instead of blocking; then None, and the caller
+        reads in a worker thread. A warm read served that way costs no thread hand-off, which
+        is most of its time."""
         out: list[bytes] = []
         i = 0
         while i < len(ranges):
@@ -176,32 +188,25 @@ class FileCache(BlobCache):
             while j < len(ranges) and ranges[j][0] == end:
                 end += ranges[j][1]
                 j += 1
-            buf = os.pread(self.fd, end - start, start)
-            if len(buf) != end - start:
-                raise FormatError(f"blob {self.blob.blob_id}: cache file {self.data_path} "
-                                  f"is truncated at {start + len(buf):#x}")  # fmt: skip
+            buf: bytes | bytearray
+            if nowait:
+                buf = bytearray(end - start)
+                try:
+                    if os.preadv(self.fd, [buf], start, os.RWF_NOWAIT) != len(buf):
+                        return None
+                except OSError:  # EAGAIN, or no RWF_NOWAIT here: not worth telling apart
+                    return None
+            else:
+                buf = os.pread(self.fd, end - start, start)
+                if len(buf) != end - start:
+                    raise FormatError(f"blob {self.blob.blob_id}: cache file {self.data_path} "
+                                      f"is truncated at {start + len(buf):#x}")  # fmt: skip
             view = memoryview(buf)
             pos = 0
             for k in range(i, j):
                 out.append(bytes(view[pos : pos + ranges[k][1]]))
                 pos += ranges[k][1]
             i = j
-        return out
-
-    def _read_ranges_nowait(self, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
-        # preadv2(RWF_NOWAIT) never blocks: it reads from the page cache or fails with EAGAIN
-        # (or comes back short), and then the caller reads in a worker thread as usual. A warm
-        # read served here costs no thread hand-off, which is most of its time.
-        out: list[bytes] = []
-        for start, size in ranges:
-            buf = bytearray(size)
-            try:
-                got = os.preadv(self.fd, [buf], start, os.RWF_NOWAIT)
-            except OSError:  # EAGAIN, or no RWF_NOWAIT here: not worth telling apart
-                return None
-            if got != size:
-                return None
-            out.append(bytes(buf))
         return out
 
     def _load_meta(self) -> list[CiEntry] | None:
